@@ -29,8 +29,8 @@ class StudyConfig:
     n_external: int = 60  # cases of the external test cohort (hospital C)
     networks: tuple = ('mobilenet_v2',)  # the demo trains one of the four; see PAPER_NETWORKS
     clf_slices: int = 300  # balanced training slices per classifier (half with ICH)
-    clf_epochs: int = 2
-    unet_epochs: int = 3
+    clf_epochs: int = 3
+    unet_epochs: int = 6
     weight_epochs: int = 2
     bs: int = 16
     lr_clf: float = 1e-3
