@@ -35,11 +35,12 @@ def nb_title(fn) -> str:
 def run_notebook(fn, skip_flags=('slow', 'cuda', 'notest')):
     "Execute a notebook like `nbdev_test` (flagged cells skipped) and return it with its outputs (execnb format)."
     from nbdev.process import NBProcessor
-    from nbdev.frontmatter import FrontmatterProc
     from execnb.shell import CaptureShell
     from fastcore.xtras import working_directory
     fn = Path(fn).resolve()
-    nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
+    # directives stay in the source (parsed into `directives_` for the skip rule), so that `process_notebook`
+    # can still act on them: hide cells, drop exported code for `show_doc`, strip the `#|` lines
+    nb = NBProcessor(fn, procs=[], rm_directives=False).nb
     def _keep(cell):
         if cell.cell_type != 'code': return True
         direc = getattr(cell, 'directives_', {}) or {}
@@ -82,18 +83,24 @@ def _to_node(nb):
     for i, c in enumerate(d['cells']):
         c.setdefault('id', f'c{i}')
         if isinstance(c.get('source'), list): c['source'] = ''.join(c['source'])
+        if c.get('cell_type') == 'code' and re.match(r'\s*#\|\s*echo:\s*false', c['source']):  # show_doc cells
+            c.setdefault('metadata', {}).setdefault('tags', []).append('remove_input')
         for o in c.get('outputs', []):
             if isinstance(o.get('text'), list): o['text'] = ''.join(o['text'])
             for k, v in (o.get('data') or {}).items():
                 if isinstance(v, list): o['data'][k] = ''.join(v)
+                if k == 'text/markdown': o['data'][k] = re.sub(r'\{target="_blank"[^}]*\}', '', o['data'][k])  # quarto-only link attributes
     d.setdefault('metadata', {}); d.setdefault('nbformat', 4); d.setdefault('nbformat_minor', 5)
     return nbformat.from_dict(d)
 
 def nb_to_html(nb, fig_dir: Path, stem: str) -> str:
     "HTML body of a processed notebook; its images are written to `fig_dir` as `<stem>_<n>.png` and linked."
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import TagRemovePreprocessor
     node = _to_node(nb)
-    body, res = HTMLExporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True).from_notebook_node(node)
+    exp = HTMLExporter(template_name='basic', exclude_input_prompt=True, exclude_output_prompt=True)
+    exp.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
+    body, res = exp.from_notebook_node(node)
     n = 0
     def _extract(m):
         nonlocal n
