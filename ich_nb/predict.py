@@ -10,7 +10,7 @@ import numpy as np, pandas as pd, torch
 from .core import atomic_save, default_device, lesion_volume_ml
 from .io import read_series, CTReadError, _read_header
 from .data import preprocess_hu
-from .unet import ARCHS, base_model_id
+from .unet import ARCHS
 from .ensemble import COMBINATIONS, combo_models, prepare_ensemble, ensemble_maps, case_result
 
 # %% auto #0
