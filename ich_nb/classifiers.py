@@ -74,7 +74,7 @@ def _load_local(body: nn.Module, weights_path, first_conv: str, in_chans: int):
 
 def cam_body(arch: str,  # a key of `ARCHS`
              in_chans: int = 4,  # input channels (stroke, brain, bone, stripped brain)
-             weights_path=None,  # optional local checkpoint (timm or torchvision layout); never downloaded
+             weights_path=None,  # optional local checkpoint (timm layout; torchvision's for VGG19); never downloaded
             ) -> tuple[nn.Module, int]:
     "The network up to its last convolutional layer, and its number of output channels."
     spec = _check_arch(arch)
@@ -84,6 +84,10 @@ def cam_body(arch: str,  # a key of `ARCHS`
             if not Path(weights_path).is_file(): raise FileNotFoundError(f"weights_path {str(weights_path)!r} is not a file")
             kw['pretrained_cfg_overlay'] = dict(file=str(weights_path))
         body = timm.create_model(spec['timm'], **kw)
+        if weights_path is not None:  # timm loads non-strictly here: refuse a checkpoint that barely matches
+            sd = torch.load(weights_path, map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd)
+            own = body.state_dict(); hit = sum(k in sd and sd[k].shape[2:] == own[k].shape[2:] for k in own)
+            if hit < 0.9 * len(own): raise ValueError(f"{weights_path}: matches only {hit} of {len(own)} {arch} tensors (timm layout expected)")
         return body, body.num_features
     body = VGGBody(spec['vgg'], spec['bn'], in_chans)
     if weights_path is not None: _load_local(body, weights_path, 'features.0', in_chans)
@@ -222,7 +226,7 @@ def classifier_learner(arch: str,  # a key of `ARCHS`
                        n_out: int = 1,  # 1: `any` only; 6: any + 5 subtypes
                        weights_path=None,  # optional local checkpoint for the body
                        path='.',  # Learner path: checkpoints go to `path/models`, the log to `path/<name>.csv`
-                       mixed_precision: bool | None = None,  # channels-last + fp16 (default: when CUDA is available)
+                       mixed_precision: bool | None = None,  # channels-last + fp16 (default: when the DataLoaders are on CUDA)
                        **kwargs,  # passed to `Learner`
                       ) -> Learner:
     "A fastai `Learner` for a 4-channel `CAMClassifier` with the weak (`SliceLoss`) or strong (`SaliencyLoss`) loss."
@@ -232,7 +236,8 @@ def classifier_learner(arch: str,  # a key of `ARCHS`
     loss = SaliencyLoss(lam, resolution=resolution) if strong else SliceLoss()
     learn = Learner(dls, model, loss_func=loss, metrics=[SliceAUC(), slice_accuracy], splitter=_splitter,
                     path=path, **kwargs)
-    if torch.cuda.is_available() if mixed_precision is None else mixed_precision: learn.to_channelslast()  # + fp16 autocast
+    cuda = torch.device(dls.device or 'cpu').type == 'cuda'
+    if cuda if mixed_precision is None else mixed_precision: learn.to_channelslast()  # + fp16 autocast
     return learn
 
 # %% ../nbs/20_classifiers.ipynb #599bd0bc
@@ -458,8 +463,8 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
         pending = [a for a in archs if not ((done['model'] == a) & (done['regime'] == r)).any()]
         if not pending: continue
         spec = REGIMES[r]
-        dls = regime_dls(sources[spec['source']], spec['strong'], n_per_class, size, bs, seed=seed, device=device)
-        for a in pending:
+        for a in pending:  # fresh DataLoaders per network: the same batches whatever trained before (or a resume)
+            dls = regime_dls(sources[spec['source']], spec['strong'], n_per_class, size, bs, seed=seed, device=device)
             learn = train_classifier(a, dls, strong=spec['strong'], epochs=epochs, lr=lr, lam=lam, resolution=resolution, n_out=n_out, path=path,
                                      name=_regime_name(a, r), seed=seed, show_progress=show_progress)
             sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress)

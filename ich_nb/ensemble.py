@@ -153,9 +153,10 @@ def predict_case(models,  # base models of one combination, in its order (list),
                  thr: float = 0.5, prepare: bool = True, **kwargs,  # `ensemble_maps` options: bs, crop, amp
                 ) -> dict:
     "One case through one weighted ensemble: `dict(slice_scores, case_prob, combined, combined_mask)`."
-    models = dict(models) if isinstance(models, dict) else dict(enumerate(models, 1))
     k = net_config(as_net(weight_model))['k']
+    ids = getattr(as_net(weight_model), 'meta', {}).get('models') or range(1, k + 1)  # a trained weight model knows its models
     if len(models) != k: raise ValueError(f'predict_case: the weight model combines {k} models, got {len(models)}')
+    models = dict(models) if isinstance(models, dict) else dict(zip(ids, models))
     combo = tuple(sorted(base_model_id(i) for i in models))
     b, w = prepare_ensemble(models, {combo: weight_model}) if prepare else (models, {combo: weight_model})
     _, comb = ensemble_maps(b, w, x, **kwargs)
@@ -251,6 +252,7 @@ def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of b
         cache = prob_map_cache({i: base_models[i] for i in ids}, cohort, size, n_per_class, valid_pct=valid_pct,
                                seed=seed, keep_images=with_image, device=device, progress=progress)
     dls = weight_dls(cache, ids, with_image, bs, seed, device)
+    if overwrite: clear_run(path, f'weights_{name}')  # do not resume the old run's checkpoints
     if final.exists() and not overwrite:
         return seg_learner(dls, load_net(final, device=dls.device or 'cpu'), lr, path, loss_func=SegLoss(from_logits=False), metrics=[prob_dice_metric])
     learn = fit_weight_net(dls, len(ids), path, f'weights_{name}', epochs, lr, with_image, norm, base, depth, progress)

@@ -10,7 +10,7 @@ import numpy as np, pandas as pd, torch
 from .core import atomic_save, default_device, lesion_volume_ml
 from .io import read_series, CTReadError, _read_header
 from .data import preprocess_hu
-from .unet import ARCHS
+from .unet import net_from_dict, net_to_dict
 from .ensemble import COMBINATIONS, combo_models, prepare_ensemble, ensemble_maps, case_result
 
 # %% auto #0
@@ -25,17 +25,11 @@ def package_file(path) -> Path:
     if not f.is_file(): raise FileNotFoundError(f'{f}: no model package (run `ich_nb_study` first, or pass the .pt file)')
     return f
 
-def _build(entry: dict, device) -> torch.nn.Module:
-    "An ich_nb net from a package entry `{config, state_dict, meta}`."
-    cfg = dict(entry['config']); net = ARCHS[cfg.pop('arch')](**cfg)
-    net.load_state_dict(entry['state_dict']); net.meta = dict(entry.get('meta', {}))
-    return net.to(device).eval()
-
 def load_ensemble(path,  # model package file or study run folder
                   combo: str = 'all',  # combination (`COMBINATIONS`): its base models and weight model are loaded
                   device=None,
                  ) -> dict:
-    "`dict(base={id: InceptionUNet}, weights=WeightNet, size, combo)` of one combination of a model package."
+    "`dict(base={id: InceptionUNet}, weights=WeightNet, size, combo, prepared)` of one combination; `prepared` = inference copies."
     f = package_file(path)
     pkg = torch.load(f, map_location='cpu', weights_only=True)
     device = default_device() if device is None else torch.device(device)
@@ -43,13 +37,13 @@ def load_ensemble(path,  # model package file or study run folder
     if f'weights_{combo}' not in unets:
         have = sorted(k[8:] for k in unets if k.startswith('weights_'))
         raise KeyError(f'{f}: no weight model for combination {combo!r}; the package has {have}')
-    w = _build(unets[f'weights_{combo}'], device)
+    w = net_from_dict(unets[f'weights_{combo}'], device, f'{f} [weights_{combo}]')
     ids = tuple(w.meta.get('models') or combo_models(combo))
     missing = [i for i in ids if f'model{i}' not in unets]
     if missing: raise KeyError(f'{f}: combination {combo!r} needs base model(s) {missing}, which the package lacks')
-    base = {i: _build(unets[f'model{i}'], device) for i in ids}
+    base = {i: net_from_dict(unets[f'model{i}'], device, f'{f} [model{i}]') for i in ids}
     size = int(base[ids[0]].meta.get('size') or pkg.get('config', {}).get('size', 256))
-    return dict(base=base, weights=w, size=size, combo=combo)
+    return dict(base=base, weights=w, size=size, combo=combo, prepared=prepare_ensemble(base, {combo: w}))
 
 # %% ../nbs/70_predict.ipynb #4e461310
 def pack_unets(nets: dict,  # {name: ich_nb net}, names `model1`..`model5` and `weights_<combination>`
@@ -57,9 +51,8 @@ def pack_unets(nets: dict,  # {name: ich_nb net}, names `model1`..`model5` and `
                **config) -> Path:
     "Write ich_nb U-Nets as a model package (weights only), e.g. to ship a subset of a run's models."
     import ich_nb
-    entry = lambda m: dict(config=dict(m.config), state_dict={k: v.detach().cpu() for k, v in m.state_dict().items()},
-                           meta=dict(getattr(m, 'meta', {})))
-    pkg = dict(ich_nb_version=ich_nb.__version__, config=config, classifiers={}, unets={k: entry(m) for k, m in nets.items()})
+    unets = {k: net_to_dict(m, **getattr(m, 'meta', {})) for k, m in nets.items()}
+    pkg = dict(ich_nb_version=ich_nb.__version__, config=config, classifiers={}, unets=unets)
     return atomic_save(Path(dest), lambda t: torch.save(pkg, t))
 
 # %% ../nbs/70_predict.ipynb #80c96a91
@@ -107,7 +100,7 @@ def predict_series(ens: dict,  # from `load_ensemble`
     "Case probability, slice scores, lesion volume (mL) and the combined map of one series."
     ct = read_series(path, series_uid or None)
     x = preprocess_hu(ct.hu, ens['size'])
-    b, w = prepare_ensemble(ens['base'], {ens['combo']: ens['weights']})
+    b, w = ens['prepared']  # folded BatchNorm, channels_last: made once by `load_ensemble`
     with torch.inference_mode(): _, comb = ensemble_maps(b, w, x, bs=bs, amp=amp)
     r = case_result(comb[ens['combo']], thr)
     sp = resized_spacing(ct.spacing, ct.hu.shape, ens['size'])

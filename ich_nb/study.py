@@ -195,6 +195,8 @@ def _net_name(arch: str) -> str:
     from ich_nb.classifiers import ARCHS
     return ARCHS.get(arch, {}).get('name', arch)
 
+def _n_networks(cfg) -> str: return 'one network' if len(cfg.networks) == 1 else f'{len(cfg.networks)} networks'
+
 def case_predictions(cfg: StudyConfig) -> pd.DataFrame:
     "One row per external case: labels, subtypes, volume and every model's probability (wide)."
     from ich_nb.data import load_cohort
@@ -210,7 +212,7 @@ def case_predictions(cfg: StudyConfig) -> pd.DataFrame:
     return df.rename(columns={'any': 'y'}).reset_index()
 
 def table4_preds(pred: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
-    "Wide table (index case id) of the final ensemble and the four networks in the Table 4 regime."
+    "Wide table (index case id) of the final ensemble and the trained networks in the Table 4 regime."
     from ich_nb.ensemble import COMBO_NAMES
     cols = {'Weighted ensemble': COMBO_NAMES[FINAL_COMBO]}
     cols.update({_net_name(a): f'{_net_name(a)} | {TABLE4_REGIME}' for a in cfg.networks})
@@ -237,7 +239,7 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
     w = table4_preds(pred, cfg); y = pred.set_index('case_id').loc[w.index, 'y']
     save_table(paper_table(w, y, reference='Weighted ensemble', **kw), tdir / 'table4')
     plt.close(plot_roc(y.to_numpy(), {k: w[k].to_numpy() for k in w}, fname=fdir / 'figure4_roc.png',
-                       title='External cohort: weighted ensemble vs four networks'))
+                       title=f'External cohort: weighted ensemble vs {_n_networks(cfg)}'))
     fin = ens[(ens['combo'] == FINAL_COMBO) & (ens['y'] == 1)]
     fig = plot_volumes(fin['vol_true_ml'], fin['vol_pred_ml'], title='Ensemble (models 1-5), ICH cases')
     atomic_save(fdir / 'volumes.png', lambda f: fig.savefig(f, dpi=120, bbox_inches='tight')); plt.close(fig)
@@ -295,7 +297,7 @@ def load_model_package(path, device='cpu') -> dict:
     "Rebuild the models of a package (`weights_only` load): `{'classifiers': {name: model}, 'unets': {name: model}, 'config': ...}`."
     import torch
     from ich_nb.classifiers import CAMClassifier
-    from ich_nb.unet import ARCHS as UNET_ARCHS
+    from ich_nb.unet import net_from_dict
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'{path}: no model package')
     pkg = torch.load(path, map_location=device, weights_only=True)
@@ -303,10 +305,7 @@ def load_model_package(path, device='cpu') -> dict:
     for name, d in pkg['classifiers'].items():
         m = CAMClassifier(d['meta']['arch'], d['meta']['n_out'], d['meta']['in_chans']); m.load_state_dict(d['state_dict'])
         clf[name] = m.to(device).eval()
-    unets = {}
-    for name, d in pkg['unets'].items():
-        cfg = dict(d['config']); m = UNET_ARCHS[cfg.pop('arch')](**cfg); m.load_state_dict(d['state_dict'])
-        m.meta = d.get('meta', {}); unets[name] = m.to(device).eval()
+    unets = {name: net_from_dict(d, device, f'{path} [{name}]') for name, d in pkg['unets'].items()}
     return dict(classifiers=clf, unets=unets, config=pkg['config'], ich_nb_version=pkg['ich_nb_version'])
 
 # %% ../nbs/50_study.ipynb #1d9d9491
@@ -317,6 +316,8 @@ def write_report(cfg: StudyConfig, times: dict) -> Path:
     out = Path(cfg.out); t = out / 'tables'
     stages = '\n'.join(f'| {k} | {v:.1f} |' for k, v in times.items())
     rev = out / 'review' / 'simulated_summary.txt'
+    review = (f"{_md_file(out / 'review' / 'simulated_reevaluation.md')}\n\n![Review](figures/review_simulated.png)\n\n"
+              "Blank reader sheet for a real review: `review/reader_sheet.csv`.") if rev.exists() else ''
     md = f"""# ich_nb study report
 
 Preset `{cfg.preset}`, seed {cfg.seed}, image size {cfg.size}, run folder `{out}`. Cohorts: A (RSNA-like, {cfg.n_train_a}
@@ -339,7 +340,7 @@ Localisation of the class activation maps on the external ICH slices (IoU at 0.5
 
 {_md_file(t / 'table3.md')}
 
-## Table 4: weighted ensemble vs four networks
+## Table 4: weighted ensemble vs {_n_networks(cfg)}
 
 {_md_file(t / 'table4.md')}
 
@@ -353,11 +354,7 @@ Localisation of the class activation maps on the external ICH slices (IoU at 0.5
 
 {rev.read_text() if rev.exists() else 'No difficult case.'}
 
-{_md_file(out / 'review' / 'simulated_reevaluation.md') if rev.exists() else ''}
-
-![Review](figures/review_simulated.png)
-
-Blank reader sheet for a real review: `review/reader_sheet.csv`.
+{review}
 
 ## Run
 
@@ -385,6 +382,7 @@ STAGES = dict(cohorts=stage_cohorts, classifiers=stage_classifiers, ensemble=sta
 
 def run_study(cfg: StudyConfig | None = None, **overrides) -> Path:
     "Run (or resume) the whole study; return the path of `report.md`."
+    if cfg is not None and overrides: raise ValueError(f'run_study: give a StudyConfig or field overrides, not both (got {sorted(overrides)})')
     cfg = cfg or make_config(**overrides)
     out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
     def log(msg):
