@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #2287f80a
 from __future__ import annotations
-import os, random, json, tempfile, contextlib, time, sys
+import os, random, json, tempfile, contextlib, time, sys, shutil, atexit
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
 __all__ = ['ICH_SUBTYPES', 'LABEL_COLS', 'SUBTYPE_ABBR', 'SUBTYPE_CODE', 'SMALL_LESION_ML', 'lesion_volume_ml',
            'subtype_volumes_ml', 'in_test', 'test_size', 'ich_home', 'ich_path', 'seed_everything', 'default_device',
-           'atomic_write', 'atomic_save', 'Timer']
+           'atomic_write', 'atomic_save', 'scratch_dir', 'cleanup_scratch', 'Timer']
 
 # %% ../nbs/00_core.ipynb #f83d9dd9
 ICH_SUBTYPES = ['epidural', 'intraparenchymal', 'intraventricular', 'subarachnoid', 'subdural']
@@ -104,6 +104,24 @@ def atomic_save(path, writer, suffix: str | None = None):
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #6f557cd1
+_SCRATCH: list[Path] = []
+
+def scratch_dir(prefix: str = 'ich_nb_') -> Path:
+    "A new temporary folder, removed by `cleanup_scratch()` (or at interpreter exit)."
+    p = Path(tempfile.mkdtemp(prefix=prefix)); _SCRATCH.append(p)
+    return p
+
+def cleanup_scratch() -> int:
+    "Remove every folder made by `scratch_dir` in this process; returns how many were removed."
+    n = 0
+    while _SCRATCH:
+        p = _SCRATCH.pop()
+        if p.exists(): shutil.rmtree(p, ignore_errors=True); n += 1
+    return n
+
+atexit.register(cleanup_scratch)
 
 # %% ../nbs/00_core.ipynb #0066d921
 class Timer:

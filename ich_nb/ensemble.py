@@ -15,11 +15,11 @@ from .core import *
 from .unet import *
 
 # %% auto #0
-__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'combine', 'slice_score', 'case_probability', 'combo_models', 'WeightNet',
-           'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps', 'case_result', 'predict_case',
-           'WeightSet', 'weight_dls', 'fit_weight_net', 'prob_dice_metric', 'prob_map_cache', 'train_weight_model',
-           'case_spacing', 'evaluate_combinations', 'table3_subsets', 'combination_table', 'volume_agreement',
-           'plot_volumes']
+__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'prob_dice_metric', 'combine', 'slice_score', 'case_probability',
+           'combo_models', 'WeightNet', 'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps',
+           'case_result', 'predict_case', 'WeightSet', 'weight_dls', 'fit_weight_net', 'prob_map_cache',
+           'train_weight_model', 'case_spacing', 'evaluate_combinations', 'table3_subsets', 'combination_table',
+           'volume_agreement', 'plot_volumes']
 
 # %% ../nbs/31_ensemble.ipynb #d76d4098
 NORMS = ('k', 'softmax')
@@ -200,9 +200,7 @@ def fit_weight_net(dls: DataLoaders, k: int, path, name: str = 'weights',
         with learn.no_bar(), learn.no_logging(): fit_resumable(learn, epochs, name)
     return learn
 
-def prob_dice_metric(pred, *ys) -> torch.Tensor:
-    "fastai metric: hard Dice at 0.5 of a probability map vs `ys[-1] > 0`."
-    return dice_score(pred, ys[-1], from_logits=False)
+prob_dice_metric = DiceMetric(from_logits=False, name='prob_dice_metric')  # the weight model outputs probabilities
 
 # %% ../nbs/31_ensemble.ipynb #e380f1ba
 @torch.inference_mode()
@@ -223,7 +221,7 @@ def prob_map_cache(base_models: dict,  # {model number: model or Learner}
     trs, vas = seg_slices(cohort, tr_ids, n_per_class, seed), seg_slices(cohort, va_ids, n_valid, seed)
     device = torch.device(device) if device is not None else default_device()
     dls = slice_dls(cohort, trs, va_ids, size=size, bs=bs, strong=True, augment=False, device=device, valid_slices=vas)
-    bases, _ = prepare_ensemble({k: as_net(m).to(device) for k, m in base_models.items()})
+    bases, _ = prepare_ensemble(base_models, device=device)  # copies: the caller's models stay where they are
     out = dict(ids=sorted(bases), probs=[], mask=[], x=[], valid=[])
     from fastprogress.fastprogress import progress_bar
     for valid, dl in [(False, dls.train.new(shuffle=False, drop_last=False)), (True, dls.valid)]:
@@ -243,7 +241,9 @@ def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of b
                        with_image: bool = False, norm: str = 'k', base: int = 8, depth: int = 3,
                        n_per_class: int | None = None, valid_pct: float = 0.2, seed: int = 0, device=None,
                        name: str | None = None,  # file name part (default: the combination), e.g. 'all_softmax'
-                       overwrite: bool = False, progress: bool = True) -> Learner:
+                       overwrite: bool = False,
+                       keep_checkpoints: bool = False,  # keep the per-epoch checkpoints once the final model is saved
+                       progress: bool = True) -> Learner:
     "Train (or load) the weight model of one combination; the final model is `path/weights_{name}.pth`."
     ids = combo_models(combo); name = name or (combo if isinstance(combo, str) else '_'.join(map(str, ids)))
     path = Path(path); final = path / f'weights_{name}.pth'
@@ -258,6 +258,7 @@ def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of b
     learn = fit_weight_net(dls, len(ids), path, f'weights_{name}', epochs, lr, with_image, norm, base, depth, progress)
     learn.model.meta = dict(combo=name, models=list(ids), size=size, epochs=epochs, lr=lr, seed=seed)
     save_net(learn.model, final, **learn.model.meta)
+    if not keep_checkpoints: drop_checkpoints(path, f'weights_{name}')
     learn.model.eval()
     return learn
 
@@ -286,8 +287,8 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
     need = sorted({i for c, wm in weight_models.items() for i in weight_model_ids(c, wm)} | (set(map(base_model_id, base_models)) if include_base else set()))
     missing = [i for i in need if i not in {base_model_id(k) for k in base_models}]
     if missing: raise ValueError(f'evaluate_combinations: base model(s) {missing} are needed but not given')
-    bm = {base_model_id(k): as_net(m).to(device) for k, m in base_models.items() if base_model_id(k) in need}
-    b, w = prepare_ensemble(bm, {c: as_net(m).to(device) for c, m in weight_models.items()})
+    bm = {base_model_id(k): m for k, m in base_models.items() if base_model_id(k) in need}
+    b, w = prepare_ensemble(bm, weight_models, device=device)  # copies: the caller's models stay where they are
     cases = cohort.cases.set_index('case_id')
     ids = list(cohort.case_ids if case_ids is None else case_ids)
     from fastprogress.fastprogress import progress_bar

@@ -41,6 +41,7 @@ class StudyConfig:
     unet_slices: int = 400  # lesion + lesion-free training slices per base model
     unet_base: int = 8  # Inception U-Net width (channels of the first block)
     unet_depth: int = 4
+    unet_pretrain_epochs: int = 3  # model 2: epochs of encoder pre-training on the 5 subtypes
     saliency_net: str = 'mobilenet_v2'  # network shown in the saliency figure
     n_boot: int = 500
     workers: int = 2  # processes for cohort generation and pre-processing
@@ -79,7 +80,9 @@ class StageRunner:
         cur = json.loads(json.dumps(cur))
         if p.exists():
             old = json.loads(p.read_text())
-            diff = {k: (old.get(k), v) for k, v in cur.items() if old.get(k) != v and k != 'device'}
+            dflt = json.loads(json.dumps(asdict(StudyConfig())))  # a field added since that run: it ran with the default
+            old = {k: old.get(k, dflt.get(k)) for k in cur}
+            diff = {k: (old[k], v) for k, v in cur.items() if old[k] != v and k != 'device'}
             if diff: raise ValueError(f'{p}: this run folder was made with another configuration {diff}; use a new --out')
         else:
             with atomic_write(p) as f: json.dump(cur, f, indent=1)
@@ -178,6 +181,7 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     path = Path(cfg.out) / 'ensemble'
     base = {k: train_base_model(k, B, path, size=cfg.size, epochs=cfg.unet_epochs, bs=cfg.bs, lr=cfg.lr_unet,
                                 base=cfg.unet_base, depth=cfg.unet_depth, n_per_class=cfg.unet_slices // 2,
+                                pretrain_epochs=cfg.unet_pretrain_epochs,
                                 one_cycle=cfg.unet_one_cycle, bce_weight=cfg.unet_bce, seed=cfg.seed,
                                 device=cfg.device).model for k in BASE_MODELS}
     cache = prob_map_cache(base, B, cfg.size, cfg.unet_slices // 2, seed=cfg.seed, device=cfg.device)

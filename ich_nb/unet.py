@@ -11,7 +11,7 @@ import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from fastcore.basics import store_attr
-from fastai.learner import Learner
+from fastai.learner import Learner, Metric
 from fastai.optimizer import Adam
 from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback
@@ -22,13 +22,13 @@ from fastai.data.core import DataLoaders
 from .core import *
 
 # %% auto #0
-__all__ = ['ARCHS', 'BASE_MODELS', 'SEG_KIND', 'ConvBnReLU', 'Inception', 'InceptionUNet', 'EncoderClassifier', 'soft_dice_loss',
-           'dice_score', 'SegLoss', 'SubtypeLoss', 'dice_metric', 'toy_seg_data', 'tensor_dls', 'register_arch',
-           'net_to_dict', 'net_from_dict', 'save_net', 'load_net', 'fuse_conv_bn', 'prepare_for_inference',
-           'pad_to_multiple', 'head_box', 'autocast_ctx', 'as_input', 'net_config', 'net_device', 'crop_to_head',
-           'uncrop', 'predict_probs', 'KeepLastCheckpoints', 'RecalibrateBN', 'ResumeCSVLogger', 'seg_learner',
-           'fit_resumable', 'clear_run', 'base_model_id', 'seg_slices', 'common_split', 'base_model_dls', 'subtype_dls',
-           'train_base_model']
+__all__ = ['dice_metric', 'ARCHS', 'BASE_MODELS', 'SEG_KIND', 'ConvBnReLU', 'Inception', 'InceptionUNet', 'EncoderClassifier',
+           'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric', 'toy_seg_data', 'tensor_dls',
+           'register_arch', 'net_to_dict', 'net_from_dict', 'save_net', 'load_net', 'fuse_conv_bn',
+           'prepare_for_inference', 'pad_to_multiple', 'head_box', 'autocast_ctx', 'as_input', 'net_config',
+           'net_device', 'crop_to_head', 'uncrop', 'predict_probs', 'KeepLastCheckpoints', 'RecalibrateBN',
+           'ResumeCSVLogger', 'seg_learner', 'fit_resumable', 'drop_checkpoints', 'clear_run', 'base_model_id',
+           'seg_slices', 'common_split', 'base_model_dls', 'subtype_dls', 'train_base_model']
 
 # %% ../nbs/30_unet.ipynb #edfcc241
 class ConvBnReLU(nn.Sequential):
@@ -163,9 +163,23 @@ class SubtypeLoss:
     def activation(self, x): return torch.sigmoid(x)
     def decodes(self, x): return x >= 0.5
 
-def dice_metric(pred, *ys) -> torch.Tensor:
-    "fastai metric: hard Dice at 0.5 over the batch (`ys[-1]` is the mask)."
-    return dice_score(pred, ys[-1])
+class DiceMetric(Metric):
+    "fastai metric: hard Dice at `thr` accumulated over all validation batches (`yb[-1]` is the mask); 1 when all empty."
+    def __init__(self, from_logits: bool = True, thr: float = 0.5, name: str = 'dice'):
+        self.from_logits, self.thr, self._name = from_logits, thr, name
+    def reset(self): self.inter, self.total = 0, 0
+    def accumulate(self, learn):
+        p = (torch.sigmoid(learn.pred.float()) if self.from_logits else learn.pred.float()) >= self.thr
+        t = learn.yb[-1] > 0
+        p, t = p.reshape(len(p), -1), t.reshape(len(t), -1)
+        self.inter += int((p & t).sum()); self.total += int(p.sum()) + int(t.sum())
+    @property
+    def value(self): return 2 * self.inter / self.total if self.total else 1.
+    @property
+    def name(self): return self._name
+    def __call__(self, pred, *ys): return dice_score(pred, ys[-1], self.thr, self.from_logits)  # one batch
+
+dice_metric = DiceMetric(name='dice_metric')
 
 # %% ../nbs/30_unet.ipynb #3b1e8b95
 def toy_seg_data(n: int = 32, size: int = 64, seed: int = 0, p_lesion: float = 0.5) -> tuple:
@@ -401,9 +415,15 @@ def fit_resumable(learn: Learner, n_epoch: int,
         fit(n_epoch, lr or learn.lr, start_epoch=start, cbs=cbs)
     return learn
 
+def drop_checkpoints(path, name: str) -> int:
+    "Delete the per-epoch checkpoints of run `name` under a Learner path (its log stays); returns how many."
+    fs = _checkpoints(Path(path) / 'checkpoints', name)
+    for f in fs: f.unlink(missing_ok=True)
+    return len(fs)
+
 def clear_run(path, name: str):
     "Delete the checkpoints and log of run `name` under a Learner path, so that `fit_resumable` starts afresh."
-    for f in _checkpoints(Path(path) / 'checkpoints', name): f.unlink()
+    drop_checkpoints(path, name)
     (Path(path) / f'{name}_log.csv').unlink(missing_ok=True)
 
 # %% ../nbs/30_unet.ipynb #d5499431
@@ -478,6 +498,7 @@ def train_base_model(kind,  # base model: 1-5 or its name in `BASE_MODELS`
                      one_cycle: bool = False,  # 1cycle schedule instead of constant lr
                      valid_pct: float = 0.2, seed: int = 0, device=None,
                      overwrite: bool = False,  # retrain even when `model{k}.pth` exists
+                     keep_checkpoints: bool = False,  # keep the per-epoch checkpoints once `model{k}.pth` is saved
                      progress: bool = True,  # fastai progress bars and epoch table
                     ) -> Learner:
     "Train (or load) one of the five base models on its specialised training set; returns the fastai Learner."
@@ -498,6 +519,8 @@ def train_base_model(kind,  # base model: 1-5 or its name in `BASE_MODELS`
     learn = seg_learner(dls, net, lr, path, loss_func=SegLoss(bce_weight, per_slice=per_slice))
     _fit(learn, epochs, f'model{k}', one_cycle, progress)
     save_net(learn.model, final, kind=k, name=BASE_MODELS[k], size=size, epochs=epochs, lr=lr, seed=seed)
+    if not keep_checkpoints:  # the final weights are saved: the resume points (model + optimizer) are not needed
+        for n in [f'model{k}'] + (['model2_pretrain'] if k == 2 else []): drop_checkpoints(path, n)
     learn.model.eval()
     return learn
 
