@@ -105,7 +105,7 @@ def atomic_save(path, writer, suffix: str | None = None):
         raise
     return path
 
-# %% ../nbs/00_core.ipynb #6f557cd1
+# %% ../nbs/00_core.ipynb #8faf3f04
 _SCRATCH: list[Path] = []
 
 def scratch_dir(prefix: str = 'ich_nb_') -> Path:

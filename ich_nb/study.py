@@ -37,7 +37,7 @@ class StudyConfig:
     lr_unet: float = 1e-2  # demo: 1cycle with a high peak; the paper preset uses the paper's constant Adam 1e-4
     unet_one_cycle: bool = True
     unet_bce: float = 1.  # pixel BCE added to the Dice loss (0 = Dice only, as in the paper)
-    lr_weight: float = 3e-3
+    lr_weight: float = 3e-2  # demo: chosen by the weight model's internal validation loss (31_ensemble)
     unet_slices: int = 400  # lesion + lesion-free training slices per base model
     unet_base: int = 8  # Inception U-Net width (channels of the first block)
     unet_depth: int = 4
@@ -52,7 +52,7 @@ PRESETS = {
     'demo': dict(),
     'paper': dict(out='runs/paper', size=512, n_train_a=1000, n_train_b=1000, n_external=986, clf_slices=13000,
                   networks=PAPER_NETWORKS, clf_epochs=20, unet_epochs=40, unet_slices=13000, unet_base=16,
-                  weight_epochs=10, bs=32, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0.),
+                  weight_epochs=10, bs=32, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3),
 }
 
 def make_config(preset: str = 'demo', **overrides) -> StudyConfig:

@@ -402,6 +402,7 @@ def fit_resumable(learn: Learner, n_epoch: int,
                   keep: int = 2,  # checkpoints kept
                  ) -> Learner:
     "Train `n_epoch` epochs with per-epoch checkpoints; resume from the newest checkpoint of `name` if present."
+    Path(learn.path).mkdir(parents=True, exist_ok=True)  # the CSV log goes there before the first checkpoint
     folder, start = learn.path / learn.model_dir, 0
     for f in reversed(_checkpoints(folder, name)):
         try: learn.load(f.stem, with_opt=True); start = int(f.stem.rsplit('_', 1)[1]) + 1; break
