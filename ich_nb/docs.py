@@ -66,8 +66,9 @@ def _param_str(p: inspect.Parameter) -> str:
 
 # %% ../nbs/80_docs.ipynb #5c1d0a09
 def _own_init(cls) -> bool:
-    "Does `cls` (or a base outside the builtins) define how it is built?"
-    return any(k in c.__dict__ for c in cls.__mro__ if c.__module__ != 'builtins' for k in ('__init__', '__new__'))
+    "Does `cls`, or a base from its own package, define how it is built (`__init__` or `__new__`)?"
+    pkg = cls.__module__.split('.')[0]
+    return any(k in c.__dict__ for c in cls.__mro__ if c.__module__.split('.')[0] == pkg for k in ('__init__', '__new__'))
 
 # %% ../nbs/80_docs.ipynb #5c1d0a10
 def _class_source(cls) -> str:
@@ -102,7 +103,7 @@ def signature_source(obj,  # function, method or class
     "`obj`'s signature as Python source; one parameter per line, with its docment as a comment, when any is documented."
     kind = 'class' if inspect.isclass(obj) else 'async def' if inspect.iscoroutinefunction(obj) else 'def'
     name = name or getattr(obj, '__name__', type(obj).__name__)
-    if kind == 'class' and not _own_init(obj): return f"class {name}({', '.join(b.__name__ for b in obj.__bases__)})"
+    if kind == 'class' and not _own_init(obj): return f"class {name}({', '.join(b.__name__ for b in obj.__bases__ if b is not object)})"
     try: sig = inspect.signature(obj)
     except (TypeError, ValueError): return f'{kind} {name}(...)'  # some builtins have no signature
     ps = list(sig.parameters.values())
@@ -112,7 +113,7 @@ def signature_source(obj,  # function, method or class
         if p.kind == p.KEYWORD_ONLY and (i == 0 or ps[i - 1].kind not in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)): items.append(('*', ''))
         items.append((_param_str(p), ''))
         if p.kind == p.POSITIONAL_ONLY and (i + 1 == len(ps) or ps[i + 1].kind != p.POSITIONAL_ONLY): items.append(('/', ''))
-    docs = _param_docs(obj)
+    docs = {k: v.replace('`', '') for k, v in _param_docs(obj).items()}  # comments are code: no markdown backticks
     items = [(s, docs.get(s.lstrip('*').split(':')[0].split('=')[0].strip(), '')) for s, _ in items]
     ret = '' if kind == 'class' or sig.return_annotation is sig.empty else f' -> {_anno(sig.return_annotation)}'
     one = f"{kind} {name}({', '.join(s for s, _ in items)}){ret}"
@@ -176,8 +177,9 @@ def run_notebook(fn,  # notebook to execute
     flags = set(flags.split() if isinstance(flags, str) else flags)
     skip = set(str(_cfg().get('tst_flags', 'notest')).split()) - flags
     nb = NBProcessor(fn, procs=[], rm_directives=False).nb  # directives parsed, sources unchanged
-    with _own_shell(): k, nb.ran_ = CaptureShell(fn, mpl_format='png', timeout=timeout), []
-    with working_directory(fn.parent):
+    nb.ran_ = []
+    with _own_shell(), working_directory(fn.parent):
+        k = CaptureShell(fn, mpl_format='png', timeout=timeout)
         for i, cell in enumerate(nb.cells):
             if _skipped(cell, skip): continue
             cell.outputs = []
@@ -515,8 +517,8 @@ pre{font-family:SFMono-Regular,Menlo,Monaco,Consolas,"Liberation Mono",monospace
 .cell-output-markdown hr{border:0;border-top:1px solid var(--line);margin:1.8rem 0 .2rem}
 .cell-output-markdown .highlight{background:none;border-left:3px solid var(--blue);border-radius:0}
 .cell-markdown img{max-width:100%}
-table{border-collapse:collapse;font-size:.88rem;margin:.5rem 0 1rem}
-th,td{padding:.3rem .6rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:.88rem;margin:.5rem 0 1rem;border:none}
+th,td{padding:.3rem .6rem;border:none;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 thead th{border-bottom:2px solid #adb5bd}
 table.dataframe td,table.dataframe th{text-align:right}
 blockquote{margin:0 0 1rem;padding:.2rem 1rem;border-left:.25rem solid var(--line);color:var(--muted)}
