@@ -133,9 +133,10 @@ class DocRenderer(BasicMarkdownRenderer):
 
 # %% ../nbs/80_docs.ipynb #5c1d0a20
 class CellError(Exception):
-    "A cell that failed (or that `nbdev_docs` would fail on): names the notebook, the cell and the cause."
-    def __init__(self, path, idx: int | None, source: str, cause: str, cell_id: str | None = None, fatal: bool = True):
-        self.path, self.idx, self.source, self.cause, self.cell_id, self.fatal = Path(path), idx, source, cause, cell_id, fatal
+    "A cell that failed, or a problem found in one: names the notebook, the cell and the cause."
+    def __init__(self, path, idx: int | None, source: str, cause: str, cell_id: str | None = None,
+                 severity: str = 'error'):  # 'error'; 'strict': an error in strict builds (nbdev_docs fails); 'note'
+        self.path, self.idx, self.source, self.cause, self.cell_id, self.severity = Path(path), idx, source, cause, cell_id, severity
         super().__init__(str(self))
 
     def __str__(self):
@@ -143,9 +144,6 @@ class CellError(Exception):
         first = next((l.strip() for l in self.source.splitlines() if l.strip() and not l.lstrip().startswith('#|')), '')
         first = first if len(first) <= 60 else first[:57] + '...'
         return f"{self.path.name}, cell {self.idx}{f' (id {self.cell_id})' if self.cell_id else ''} `{first}`: {self.cause}"
-
-# %% ../nbs/80_docs.ipynb #5c1d0a22
-#| export
 
 # %% ../nbs/80_docs.ipynb #7afaa44d
 @contextlib.contextmanager
@@ -296,7 +294,7 @@ class ShowDocExecutor(exec_show_docs):
             if self.k.exc: raise CellError(self.nb.path_, i, src, f'{type(self.k.exc).__name__}: {self.k.exc}', cid) from self.k.exc
             self.nb.problems_.append(CellError(self.nb.path_, i, src, f'{type(exc).__name__}: {exc} (nbdev_docs fails on '
                 'this cell: it mixes imports with code that needs earlier cells; move the imports into a cell of their own)',
-                cid, fatal=False))
+                cid, severity='strict'))
 
 # %% ../nbs/80_docs.ipynb #5c1d0a40
 def process_notebook(nb):
@@ -316,14 +314,13 @@ def process_notebook(nb):
         warnings.simplefilter('always')
         NBProcessor(nb=nb, procs=procs).process()
     reported = {p.idx for p in nb.problems_}
-    for w in ws:  # nbdev warns about every cell that mixes imports with code (its FAQ), even when the cell runs
-        if not str(w.message).startswith('Found cells containing imports and other code'):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno); continue
-        for i, s, cid in src:
+    for w in ws:  # nbdev warns about every cell that mixes imports with code (its FAQ), even when the cell runs;
+        if not str(w.message).startswith('Found cells containing imports and other code'): continue  # other warnings
+        for i, s, cid in src:  # come from running exported code (deprecations, ...), not from the page
             if i not in reported and s.strip() and s.strip() in str(w.message):
                 reported.add(i)
                 nb.problems_.append(CellError(nb.path_, i, s, 'mixes imports with other code: nbdev_docs runs it again, alone, '
-                                              'to document the page (nbdev FAQ); move the imports into a cell of their own', cid, fatal=False))
+                                              'to document the page (nbdev FAQ); move the imports into a cell of their own', cid, severity='note'))
     return nb
 
 # %% ../nbs/80_docs.ipynb #5c1d0a45
@@ -705,14 +702,14 @@ def build_docs(nbs_path=None,  # folder of notebooks (settings.ini's `nbs_path` 
             (tmp / href).write_text(page_html(page, href, pages, cfg.get('title', cfg.lib_name)), encoding='utf-8')
         _site_assets(tmp, nbs_path, search)
         unlink_missing(tmp)
-        problems += [CellError(tmp / 'site', None, '', f'broken link: {b}', fatal=False) for b in check_links(tmp)]
+        problems += [CellError(tmp / 'site', None, '', f'broken link: {b}', severity='strict') for b in check_links(tmp)]
         _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise
-    errors = [p for p in problems if p.fatal or strict]
+    errors = [p for p in problems if p.severity == 'error' or (strict and p.severity == 'strict')]
     if not quiet:
         for p in problems:
-            if p not in errors: print(f'warning: {p}')
+            if p not in errors: print(f"{'note' if p.severity == 'note' else 'warning'}: {p}")
         print(f'wrote {len(fns)} pages and {len(list((dest / "figures").iterdir()))} figures to {dest}')
     if errors: raise DocsBuildError(errors)
     return dest

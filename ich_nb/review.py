@@ -378,9 +378,6 @@ def _format_reeval(res: pd.DataFrame, reference, digits: int) -> pd.DataFrame:
                                   for c in cols], index=cols, name=f"P for AUC difference vs {reference}, {tr} truth"))
     return pd.DataFrame(out)
 
-# %% ../nbs/60_review.ipynb #9d0313a9
-#| export
-
 # %% ../nbs/60_review.ipynb #854c82f3
 def _all_wrong_note(res: pd.DataFrame, threshold: float) -> str:
     "A note when, under the original truth, a model is wrong on every reviewed case (its metrics there are 0 by selection)."
@@ -388,7 +385,7 @@ def _all_wrong_note(res: pd.DataFrame, threshold: float) -> str:
     bad = acc[(acc.value == 0) & (acc.n_pos + acc.n_neg > 0)]
     if bad.empty: return ''
     n = int(bad.n_pos.iloc[0] + bad.n_neg.iloc[0])
-    return (f"reevaluate: {', '.join(map(str, bad.model))} wrong on all {n} reviewed cases under the original truth "
+    return (f"{', '.join(map(str, bad.model))}: wrong on all {n} reviewed cases under the original truth "
             f"(threshold {threshold:g}), so every metric there is 0: the cases were selected by the model's own "
             "probabilities (difficult for AI) and none lies on the right side of the threshold; read the all-cases "
             "rows and the number of changed labels instead")
@@ -422,7 +419,7 @@ def reevaluate(pred_df: pd.DataFrame,  # case_id, y (original truth), prob; or a
             rows += _eval_rows(y[m], w[m], base, reference, threshold, n_boot, seed)
     res = pd.DataFrame(rows)
     t = _format_reeval(res, reference, digits); t.attrs['results'] = res
-    if note := _all_wrong_note(res, threshold): warnings.warn(note); t.attrs['note'] = note
+    if note := _all_wrong_note(res, threshold): warnings.warn(f'reevaluate: {note}'); t.attrs['note'] = note
     return t
 
 # %% ../nbs/60_review.ipynb #a922b94e

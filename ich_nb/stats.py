@@ -552,10 +552,10 @@ def to_markdown(df: pd.DataFrame,  # e.g. a `paper_table`
 def save_table(df: pd.DataFrame,  # table to save
                path,  # file name; `.csv` and `.md` are written next to each other
               ) -> tuple[Path, Path]:
-    "Write `df` as CSV and Markdown (atomically); returns both paths."
+    "Write `df` as CSV and Markdown (atomically; a note in `df.attrs['note']` follows the Markdown table); returns both paths."
     path = Path(path); csv, md = path.with_suffix('.csv'), path.with_suffix('.md')
     with atomic_write(csv) as f: df.to_csv(f)
-    with atomic_write(md) as f: f.write(to_markdown(df))
+    with atomic_write(md) as f: f.write(to_markdown(df) + (f"\n{df.attrs['note']}\n" if df.attrs.get('note') else ''))
     return csv, md
 
 # %% ../nbs/40_stats.ipynb #64a4e6ce
