@@ -460,7 +460,7 @@ def _sections(body: str) -> tuple[str, list, list]:
             toc.append((level, hid, _plain(text))); cur = dict(title=_plain(text), id=hid, text=''); search.append(cur)
     out.append(body[pos:])
     if cur is not None: cur['text'] += body[pos:]
-    for e in search: e['text'] = _plain(e['text'])[:300]
+    for e in search: e['text'] = _plain(re.sub(r'<div class="highlight">.*?</pre></div>', ' ', e['text'], flags=re.S))[:300]  # prose, not code
     return ''.join(out), toc, search
 
 # %% ../nbs/80_docs.ipynb #5c1d0a64
