@@ -367,9 +367,9 @@ def _scan(files: list) -> tuple:
     return nifti, groups, bad
 
 # %% ../nbs/01_io.ipynb #5e1f0008
-def _bad_rows(bad: dict, groups: dict, root: Path) -> list:
-    "Error rows: folders with no readable image, and files that look like DICOM but cannot be read."
-    used = {f.parent for items in groups.values() for f, _ in items}
+def _bad_rows(bad: dict, groups: dict, nifti: list, root: Path) -> list:
+    "Error rows: folders with nothing readable in or below them, and files that look like DICOM but cannot be read."
+    used = {d for items in groups.values() for f, _ in items for d in f.parents} | {d for f in nifti for d in f.parents}
     rows = []
     for d, fs in sorted(bad.items()):
         name = d.relative_to(root).as_posix() if d != root else root.name
@@ -395,7 +395,7 @@ def find_series(root) -> pd.DataFrame:
         path = root if root.is_file() else Path(os.path.commonpath([str(f.parent) for f in files]))
         rows.append(_series_row(names[k], path, files, items[0][1]))
     if root.is_file() and bad: rows.append(_series_row(root.name, root, [root], error=bad[root.parent][0][1]))
-    elif bad: rows += _bad_rows(bad, groups, top)
+    elif bad: rows += _bad_rows(bad, groups, nifti, top)
     if root.is_dir() and not rows: rows.append(_series_row(root.name, root, [], error=f'{root}: no files found'))
     return pd.DataFrame(rows, columns=SERIES_COLS).sort_values('series', kind='stable', ignore_index=True)
 
