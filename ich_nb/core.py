@@ -130,6 +130,7 @@ def scratch_dir(prefix: str = 'ich_nb_') -> Path:
     return p
 
 # %% ../nbs/00_core.ipynb #8faf3f05
+@atexit.register
 def cleanup_scratch() -> int:
     "Remove every folder made by `scratch_dir` in this process; returns how many were removed."
     n = 0
@@ -137,8 +138,6 @@ def cleanup_scratch() -> int:
         p = _SCRATCH.pop()
         if p.exists(): shutil.rmtree(p, ignore_errors=True); n += 1
     return n
-
-atexit.register(cleanup_scratch)
 
 # %% ../nbs/00_core.ipynb #0066d921
 class Timer:

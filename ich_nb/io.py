@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 
 # %% auto #0
 __all__ = ['SAFE_TAGS', 'PLANE_OF_AXIS', 'SERIES_COLS', 'NIFTI_SUFFIXES', 'CTReadError', 'CTSeries', 'dicom_header', 'safe_meta',
-           'check_ct_image', 'rescale_hu', 'dicom_to_hu', 'frame_headers', 'stored_frames', 'slice_position',
+           'check_ct_image', 'rescale_hu', 'stored_frames', 'dicom_to_hu', 'frame_headers', 'slice_position',
            'sort_slices', 'slice_spacing', 'reorient', 'compression_facts', 'read_dicom_files', 'find_series',
            'read_nifti', 'read_found', 'read_series', 'write_series']
 
@@ -115,16 +115,23 @@ def rescale_hu(px: np.ndarray,  # stored pixel values of one slice or frame
         px = px + 1000; px[px >= 4096] -= 4096; icpt = -1000.
     return px * np.float32(slope) + np.float32(icpt)
 
-# %% ../nbs/01_io.ipynb #c0a1b005
-def dicom_to_hu(ds: Dataset, fn='<dataset>') -> np.ndarray:
-    "Pixel data of one single-frame CT slice as float32 HU `(H, W)` (see `rescale_hu`)."
+# %% ../nbs/01_io.ipynb #f7a00006
+def stored_frames(ds: Dataset, fn='<dataset>') -> np.ndarray:
+    "The stored pixel values of every frame, `(n_frames, H, W)`; a decoder failure names the file and passes the decoder's message on."
     check_ct_image(ds, fn)
     try: px = ds.pixel_array
     except Exception as e: raise CTReadError(f'{fn}: pixel data cannot be decoded ({type(e).__name__}: {e})') from None
     n = int(ds.get('NumberOfFrames', 1) or 1)
-    if n > 1: raise CTReadError(f'{fn}: a multi-frame image ({n} frames); `read_dicom_files` and `read_series` read it frame by frame')
-    if px.ndim != 2: raise CTReadError(f'{fn}: expected a single 2D slice, got pixel array of shape {px.shape}')
-    return rescale_hu(px, ds)
+    if px.ndim == 2 and n == 1: px = px[None]
+    if px.ndim != 3 or len(px) != n: raise CTReadError(f'{fn}: expected {n} frame(s) of 2D pixels, got an array of shape {px.shape}')
+    return px
+
+# %% ../nbs/01_io.ipynb #c0a1b005
+def dicom_to_hu(ds: Dataset, fn='<dataset>') -> np.ndarray:
+    "Pixel data of one single-frame CT slice as float32 HU `(H, W)` (see `rescale_hu`)."
+    px = stored_frames(ds, fn)
+    if len(px) > 1: raise CTReadError(f'{fn}: a multi-frame image ({len(px)} frames); `read_dicom_files` and `read_series` read it frame by frame')
+    return rescale_hu(px[0], ds)
 
 # %% ../nbs/01_io.ipynb #f7a00002
 _FG_SEQS = ('SharedFunctionalGroupsSequence', 'PerFrameFunctionalGroupsSequence')
@@ -145,17 +152,6 @@ def frame_headers(ds: Dataset) -> list:
         h.add_new(0x00200013, 'IS', k + 1)  # InstanceNumber: the frame number (a new element, the file's is untouched)
         out.append(h)
     return out
-
-# %% ../nbs/01_io.ipynb #f7a00006
-def stored_frames(ds: Dataset, fn='<dataset>') -> np.ndarray:
-    "The stored pixel values of every frame, `(n_frames, H, W)`; a decoder failure names the file and passes the decoder's message on."
-    check_ct_image(ds, fn)
-    try: px = ds.pixel_array
-    except Exception as e: raise CTReadError(f'{fn}: pixel data cannot be decoded ({type(e).__name__}: {e})') from None
-    n = int(ds.get('NumberOfFrames', 1) or 1)
-    if px.ndim == 2 and n == 1: px = px[None]
-    if px.ndim != 3 or len(px) != n: raise CTReadError(f'{fn}: expected {n} frame(s) of 2D pixels, got an array of shape {px.shape}')
-    return px
 
 # %% ../nbs/01_io.ipynb #e07d0f4e
 def slice_position(ds: Dataset) -> float | None:
