@@ -139,7 +139,7 @@ def input_warnings(ct,  # the series as read (`ich_nb.io.CTSeries`)
 def brain_area_cm2(x: np.ndarray,  # `(S, 4, H, W)` network input (channel 3: skull-stripped brain window)
                    spacing,  # `(dz, dy, dx)` mm of `x` (see `resized_spacing`)
                   ) -> float:
-    "Largest area (cm²) of skull-stripped brain above 0 HU on any slice: about 100-190 cm² through an adult head, near 0 below it."
+    "Largest area (cm²) of skull-stripped brain above 0 HU on any slice of the network input."
     return float((np.asarray(x)[:, 3] > 0).sum((1, 2)).max() * spacing[1] * spacing[2] / 100.)
 
 # %% ../nbs/70_predict.ipynb #65cf657b
