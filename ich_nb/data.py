@@ -20,11 +20,13 @@ from .windowing import four_channel, WINDOWS, CHANNELS
 
 # %% auto #0
 __all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_KINDS', 'CQ500_FINDINGS', 'CQ500_READERS',
-           'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask', 'precompute',
-           'case_arrays', 'split_cases', 'balanced_slices', 'specialised_cases', 'case_slices', 'SliceDataset',
-           'random_affines', 'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource',
+           'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
+           'check_cache_dir', 'cache_file', 'write_cache', 'precompute', 'case_arrays', 'split_cases',
+           'balanced_slices', 'specialised_cases', 'case_slices', 'cohort_strata', 'SliceDataset', 'random_affines',
+           'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource', 'read_dicom_header',
            'read_dicom_files', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads', 'cq500_majority',
-           'cq500_reader_matrix', 'choose_series', 'CQ500', 'read_physionet_labels', 'PhysioNetICH']
+           'cq500_reader_matrix', 'rank_series', 'choose_series', 'CQ500', 'reader_matrix', 'read_physionet_labels',
+           'PhysioNetICH']
 
 # %% ../nbs/10_data.ipynb #ff439819
 COHORT_FILES = ('cohort.json', 'cases.csv', 'slices.csv')
@@ -107,16 +109,20 @@ def resize_mask(mask: np.ndarray, size: int = 256) -> np.ndarray:
 # %% ../nbs/10_data.ipynb #0efa42c8
 @patch
 def series_dir(self: Cohort, case_id: str) -> Path:
-    "Folder of the DICOM series of `case_id` (a `KeyError` naming the case if it is not in the cohort)."
+    "Folder of the CT of `case_id` (a `KeyError` naming the case if it is not in the cohort)."
     if case_id not in self._rows and case_id not in set(self.cases['case_id']):
         raise KeyError(f'{self.path}: no case {case_id!r} in this cohort')
     return self.path / 'dicom' / case_id
 
+# %% ../nbs/10_data.ipynb #5e1d0a02
 @patch
 def case_series(self: Cohort, case_id: str) -> CTSeries:
-    "The raw CT of `case_id` in HU (`ich_nb.io.read_series`)."
-    return read_series(self.series_dir(case_id))
+    "The raw CT of `case_id` in HU: the DICOM series of its folder, or the one NIfTI volume in it."
+    d = self.series_dir(case_id)
+    nii = sorted(d.glob('*.nii')) + sorted(d.glob('*.nii.gz'))
+    return read_series(nii[0] if len(nii) == 1 else d)
 
+# %% ../nbs/10_data.ipynb #5e1d0a03
 @patch
 def raw_mask(self: Cohort, case_id: str) -> np.ndarray:
     "Full-resolution label map uint8 `(S, H, W)` of `case_id` from `masks/<case_id>.npz`."
@@ -127,6 +133,7 @@ def raw_mask(self: Cohort, case_id: str) -> np.ndarray:
         if 'mask' not in z: raise KeyError(f"{fn}: has no 'mask' array (keys {list(z.keys())})")
         return z['mask'].astype(np.uint8)
 
+# %% ../nbs/10_data.ipynb #5e1d0a04
 @patch
 def case_labels(self: Cohort, case_id: str) -> pd.DataFrame:
     "Slice labels of `case_id` (`LABEL_COLS`), one row per slice in `slice_index` order."
@@ -139,32 +146,60 @@ def _cache_info(size: int) -> dict:
     return dict(version=CACHE_VERSION, size=int(size), channels=list(CHANNELS),
                 windows={k: list(v) for k, v in WINDOWS.items()})
 
+# %% ../nbs/10_data.ipynb #5e1d0a07
+def check_cache_dir(root, size: int) -> Path:
+    "Cache folder `root/cache/<size>`, cleared (with a warning) when it was built with other settings."
+    d, info = Path(root) / 'cache' / str(int(size)), _cache_info(size)
+    fn = d / 'cache.json'
+    old = json.loads(fn.read_text()) if fn.is_file() else None
+    if old != info:
+        stale = list(d.glob('*.npy')) + list(d.glob('masks/*.npy'))
+        if stale: warnings.warn(f'{d}: cache built with other settings ({old}); rebuilding {len(stale)} files')
+        for f in stale: f.unlink()
+        with atomic_write(fn) as f: json.dump(info, f)
+    return d
+
+# %% ../nbs/10_data.ipynb #5e1d0a08
+def cache_file(root, size: int, case_id: str, kind: str = 'images') -> Path:
+    "Path of a cache entry: `cache/<size>/<case_id>.npy` (images) or `cache/<size>/masks/<case_id>.npy`."
+    if kind not in ('images', 'masks'): raise ValueError(f"cache_file: kind must be 'images' or 'masks', got {kind!r}")
+    d = Path(root) / 'cache' / str(int(size))
+    return d / f'{case_id}.npy' if kind == 'images' else d / 'masks' / f'{case_id}.npy'
+
+# %% ../nbs/10_data.ipynb #5e1d0a09
+def write_cache(root, size: int, case_id: str,
+                hu: np.ndarray | None = None,  # HU volume `(S, H, W)`: written as four-channel uint8
+                mask: np.ndarray | None = None,  # label map `(S, H, W)`: written resized (nearest)
+               ) -> list:
+    "Pre-process and write the cache entries of one case atomically (safe with concurrent writers); return the paths."
+    out = []
+    for kind, a in (('images', hu), ('masks', mask)):
+        if a is None: continue
+        arr = preprocess_hu(a, size) if kind == 'images' else resize_mask(a, size)
+        fn = cache_file(root, size, case_id, kind)
+        with atomic_write(fn, 'wb') as f: np.save(f, arr)  # unique temporary name, renamed when complete
+        out.append(fn)
+    return out
+
+# %% ../nbs/10_data.ipynb #5e1d0a12
 @patch
 def cache_dir(self: Cohort, size: int) -> Path:
     "Cache folder for input size `size`, checked (and cleared if stale) once per `Cohort` object."
-    d = self.path / 'cache' / str(int(size))
-    if size not in self._checked:
-        info, fn = _cache_info(size), d / 'cache.json'
-        old = json.loads(fn.read_text()) if fn.is_file() else None
-        if old != info:
-            stale = list(d.glob('*.npy')) + list(d.glob('masks/*.npy'))
-            if stale: warnings.warn(f'{d}: cache built with other settings ({old}); rebuilding {len(stale)} files')
-            for f in stale: f.unlink()
-            with atomic_write(fn) as f: json.dump(info, f)
-        self._checked.add(size)
-    return d
+    if size not in self._checked: check_cache_dir(self.path, size); self._checked.add(size)
+    return self.path / 'cache' / str(int(size))
 
+# %% ../nbs/10_data.ipynb #5e1d0a13
 @patch
 def _build(self: Cohort, case_id: str, size: int, kind: str) -> Path:
-    "Path of the cache file of `kind` ('images' or 'masks'), computed and saved atomically if missing."
-    d = self.cache_dir(size)
-    fn = d / f'{case_id}.npy' if kind == 'images' else d / 'masks' / f'{case_id}.npy'
+    "Path of the cache file of `kind` ('images' or 'masks'), computed and saved if missing."
+    self.cache_dir(size)
+    fn = cache_file(self.path, size, case_id, kind)
     if not fn.is_file():
-        arr = (preprocess_hu(self.case_series(case_id).hu, size) if kind == 'images'
-               else resize_mask(self.raw_mask(case_id), size))
-        with atomic_write(fn, 'wb') as f: np.save(f, arr)  # unique temporary name: safe with concurrent writers
+        if kind == 'images': write_cache(self.path, size, case_id, hu=self.case_series(case_id).hu)
+        else: write_cache(self.path, size, case_id, mask=self.raw_mask(case_id))
     return fn
 
+# %% ../nbs/10_data.ipynb #5e1d0a14
 @patch
 def _cached(self: Cohort, case_id: str, size: int, kind: str) -> np.ndarray:
     "Memory-mapped cache entry of `kind`, kept open (up to `max_open` entries, least recently used closed first)."
@@ -174,14 +209,16 @@ def _cached(self: Cohort, case_id: str, size: int, kind: str) -> np.ndarray:
     while len(self._maps) > self.max_open: self._maps.popitem(last=False)
     return self._maps[key]
 
+# %% ../nbs/10_data.ipynb #5e1d0a15
 @patch
 def case_images(self: Cohort, case_id: str, size: int = 256) -> np.ndarray:
     "Four-channel uint8 `(S, 4, size, size)` of `case_id`, 0..255, memory-mapped from the cache (built on first use)."
     return self._cached(case_id, size, 'images')
 
+# %% ../nbs/10_data.ipynb #5e1d0a16
 @patch
 def case_mask(self: Cohort, case_id: str, size: int = 256) -> np.ndarray:
-    "Label map uint8 `(S, size, size)` of `case_id`, 0..5, memory-mapped from the cache (built on first use)."
+    "Label map uint8 `(S, size, size)` of `case_id` (0 background, lesion > 0), memory-mapped from the cache."
     return self._cached(case_id, size, 'masks')
 
 # %% ../nbs/10_data.ipynb #a245a10f
@@ -303,6 +340,21 @@ def case_slices(cohort: Cohort, case_ids) -> pd.DataFrame:
     "All slices of `case_ids` (a subset of `cohort.slices`, in case and slice order)."
     return cohort.slices[cohort.slices['case_id'].isin(set(case_ids))].reset_index(drop=True)
 
+# %% ../nbs/10_data.ipynb #5e1d0a31
+_DERIVED = dict(sdh='case labels (subdural)', sah='case labels (subarachnoid)', small='lesion volumes from the masks (vol_ml_total)')
+
+def cohort_strata(cohort: Cohort) -> pd.DataFrame:
+    "Per stratum (`sdh`, `sah`, `small`): `available`, `lesion_cases`, `derived_from` and `reason` (why not, else empty)."
+    marks, rows = cohort.meta.get('strata', {}), []
+    for k in SPECIAL_KINDS[1:]:
+        m = marks.get(k, {})
+        try: n, why = int(_lesion_cases(cohort.cases, k, pure=False).sum()), ''
+        except (ValueError, KeyError) as e: n, why = 0, str(e).strip("'\"")
+        ok = bool(m.get('available', True)) and not why
+        rows.append(dict(stratum=k, available=ok, lesion_cases=n if ok else 0, derived_from=m.get('derived_from', _DERIVED[k]),
+                         reason='' if ok else (m.get('reason') or why)))
+    return pd.DataFrame(rows).set_index('stratum')
+
 # %% ../nbs/10_data.ipynb #74b11cbb
 class SliceDataset:
     "Weak `(x, y)` or strong `(x, y, mask)` items of a slice table: x uint8 (4,size,size), y float32 (6,), mask uint8."
@@ -310,6 +362,8 @@ class SliceDataset:
         if strong and not cohort.has_masks: raise ValueError(f'{cohort.path}: the strong view needs masks/ but the cohort has none')
         miss = [c for c in ['case_id', 'slice_index'] + LABEL_COLS if c not in slices.columns]
         if miss: raise ValueError(f'SliceDataset: slice table lacks column(s) {miss}')
+        if slices[LABEL_COLS].isna().any().any():
+            raise ValueError(f'{cohort.path}: slices without labels (a cohort with case-level labels only cannot be trained on per slice)')
         store_attr('cohort,size,strong')
         self.case_ids = slices['case_id'].astype(str).to_numpy()
         self.idx, self.y = slices['slice_index'].to_numpy(np.int64), slices[LABEL_COLS].to_numpy(np.float32)
@@ -418,17 +472,18 @@ class CTSource:
     def __len__(self): return len(self.cases)
     def __repr__(self): return f'{type(self).__name__}({self.root}: {len(self.cases)} cases)'
 
-def _dcm_header(fn) -> pydicom.Dataset:
-    "A DICOM header (no pixels), or `CTReadError` naming the file."
-    try: return pydicom.dcmread(str(fn), stop_before_pixels=True)
+# %% ../nbs/10_data.ipynb #5e1d0a41
+def read_dicom_header(fn, pixels: bool = False) -> pydicom.Dataset:
+    "One DICOM file (without its pixel data unless `pixels`), or `CTReadError` naming the file."
+    try: return pydicom.dcmread(str(fn), stop_before_pixels=not pixels)
     except Exception as e: raise CTReadError(f'{fn}: cannot be read as DICOM ({type(e).__name__}: {e})') from None
 
+# %% ../nbs/10_data.ipynb #5e1d0a42
 def read_dicom_files(files) -> CTSeries:
     "Read DICOM slices of one series given as a list of files (any folder layout), sorted along the slice normal."
     files = [Path(f) for f in files]
     if not files: raise CTReadError('read_dicom_files: no files given')
-    try: dss = [pydicom.dcmread(str(f)) for f in files]
-    except Exception as e: raise CTReadError(f'{files[0].parent}: a slice cannot be read as DICOM ({type(e).__name__}: {e})') from None
+    dss = [read_dicom_header(f, pixels=True) for f in files]
     shapes = {(int(d.get('Rows', 0)), int(d.get('Columns', 0))) for d in dss}
     if len(shapes) > 1: raise CTReadError(f'{files[0].parent}: slices have different sizes {sorted(shapes)}')
     dss, files, pos = sort_slices(dss, files)
@@ -468,7 +523,7 @@ def _slice_position(ds) -> float:
 
 def _rsna_header(fn) -> dict:
     "The grouping fields of one RSNA DICOM."
-    ds = _dcm_header(fn)
+    ds = read_dicom_header(fn)
     return dict(image_id=Path(fn).stem, file=str(fn), patient_id=str(ds.get('PatientID', '')),
                 study_uid=str(ds.get('StudyInstanceUID', '')), case_id=str(ds.get('SeriesInstanceUID', '')),
                 position=_slice_position(ds))
@@ -548,18 +603,26 @@ def cq500_reader_matrix(reads: pd.DataFrame, finding: str = 'ICH') -> pd.DataFra
     return m
 
 # %% ../nbs/10_data.ipynb #21c98321
-def choose_series(series: pd.DataFrame,  # one row per series: `description`, `thickness` (mm, may be NaN), `n_files`
-                  target_mm: float | None = 5.0) -> int:
-    "Index (label) of the series to use: exclude bone/contrast/reformats, prefer plain, thickness near `target_mm`."
-    ok = ~series['description'].str.contains(_CQ500_EXCLUDE)
-    if not ok.any():
-        warnings.warn(f'choose_series: every series is excluded ({series.description.tolist()}); choosing among all'); ok[:] = True
-    c = series[ok]
+def rank_series(series: pd.DataFrame,  # one row per series: `description`, `thickness` (mm, may be NaN), `n_files`
+                target_mm: float | None = 5.0,  # preferred slice thickness; None: the thinnest
+                exclude: bool = True,  # leave out bone-kernel, contrast, lung, scout, MIP and reformatted series
+               ) -> list:
+    "Index labels of the usable series, best first: plain (non-contrast) first, then thickness near `target_mm`, then most files."
+    c = series[~series['description'].str.contains(_CQ500_EXCLUDE)] if exclude else series
     plain = c['description'].str.contains(r'plain|pre[ _-]?contrast', case=False)
     thk = c['thickness'].fillna(np.inf)
     dist = thk if target_mm is None else (thk - target_mm).abs()
     key = pd.DataFrame({'np': ~plain, 'd': dist, 'n': -c['n_files']}, index=c.index)
-    return key.sort_values(['np', 'd', 'n'], kind='stable').index[0]
+    return key.sort_values(['np', 'd', 'n'], kind='stable').index.tolist()
+
+# %% ../nbs/10_data.ipynb #5e1d0a20
+def choose_series(series: pd.DataFrame,  # one row per series: `description`, `thickness` (mm, may be NaN), `n_files`
+                  target_mm: float | None = 5.0) -> int:
+    "Index (label) of the series to use: the first of `rank_series`, or of all series (with a warning) if every one is excluded."
+    order = rank_series(series, target_mm)
+    if order: return order[0]
+    warnings.warn(f'choose_series: every series is excluded ({series.description.tolist()}); choosing among all')
+    return rank_series(series, target_mm, exclude=False)[0]
 
 # %% ../nbs/10_data.ipynb #d4f17486
 def _cq500_folders(root: Path) -> dict:
@@ -573,7 +636,7 @@ def _cq500_folders(root: Path) -> dict:
 def _series_row(folder: Path) -> dict:
     "Description, slice thickness and file count of one series folder."
     files = sorted(folder.glob('*.dcm'))
-    th = _dcm_header(files[0]).get('SliceThickness')
+    th = read_dicom_header(files[0]).get('SliceThickness')
     return dict(description=folder.name, thickness=float(th) if th not in (None, '') else np.nan, n_files=len(files), folder=str(folder))
 
 class CQ500(CTSource):
@@ -612,6 +675,13 @@ class CQ500(CTSource):
         self.series_table(case_id)
         return self.cases.set_index('case_id').loc[case_id, LABEL_COLS]
 
+# %% ../nbs/10_data.ipynb #5e1d0a34
+def reader_matrix(cohort: Cohort, finding: str = 'ICH') -> pd.DataFrame:
+    "Cases x readers 0/1 of one finding (`ICH`, `SDH`, ...) from the cohort's `readers.csv` (imported CQ500)."
+    fn = cohort.path / 'readers.csv'
+    if not fn.is_file(): raise FileNotFoundError(f'{fn}: this cohort has no per-reader labels (an imported CQ500 cohort has them)')
+    return cq500_reader_matrix(pd.read_csv(fn, dtype={'case_id': str}), finding)
+
 # %% ../nbs/10_data.ipynb #1833ac33
 PHYSIONET_COLS = dict(Epidural='epidural', Intraparenchymal='intraparenchymal', Intraventricular='intraventricular',
                       Subarachnoid='subarachnoid', Subdural='subdural')
@@ -647,20 +717,26 @@ class PhysioNetICH(CTSource):
         self.slices = read_physionet_labels(self.root / csv)
         g = self.slices.groupby('case_id', sort=True)
         self.cases = g[LABEL_COLS + ['fracture']].max().join(g.size().rename('n_slices')).reset_index()
-        self.cases['has_mask'] = [self._file(self.masks, c, missing_ok=True) is not None for c in self.cases.case_id]
+        self.cases['has_mask'] = [self.mask_file(c) is not None for c in self.cases.case_id]
 
     def _file(self, folder: Path, case_id: str, missing_ok: bool = False):
         for name in (f'{case_id}.nii', f'{case_id}.nii.gz', f'{int(case_id)}.nii', f'{int(case_id)}.nii.gz'):
             if (folder / name).is_file(): return folder / name
         if missing_ok: return None
         raise FileNotFoundError(f'{folder / (case_id + ".nii")}: not found (case {case_id})')
+    def scan_file(self, case_id: str, missing_ok: bool = False):
+        "The NIfTI scan of `case_id` (`None` or `FileNotFoundError` when there is none)."
+        return self._file(self.scans, case_id, missing_ok)
+    def mask_file(self, case_id: str):
+        "The NIfTI mask of `case_id`, or `None`."
+        return self._file(self.masks, case_id, missing_ok=True)
 
     def case_series(self, case_id: str) -> CTSeries:
         "The scan of `case_id` in HU, inferior to superior."
-        return read_nifti(self._file(self.scans, case_id))
+        return read_nifti(self.scan_file(case_id))
     def case_labels(self, case_id: str) -> pd.DataFrame:
         "Slice labels of `case_id` in the slice order of `case_series` (checked against the volume's slice count)."
-        fn = self._file(self.scans, case_id)
+        fn = self.scan_file(case_id)
         lab = self.slices[self.slices['case_id'] == case_id].sort_values('slice_number', ascending=not _stored_axis_reversed(fn))
         import nibabel as nib
         n = nib.load(str(fn)).shape[2]
@@ -669,4 +745,6 @@ class PhysioNetICH(CTSource):
         return lab.reset_index(drop=True)
     def case_mask(self, case_id: str) -> np.ndarray:
         "Binary uint8 hemorrhage mask `(S, H, W)` (1 = any ICH) aligned with `case_series`."
-        return (read_nifti(self._file(self.masks, case_id)).hu > 0).astype(np.uint8)
+        fn = self.mask_file(case_id)
+        if fn is None: raise FileNotFoundError(f'{self.masks / (case_id + ".nii")}: not found (case {case_id})')
+        return (read_nifti(fn).hu > 0).astype(np.uint8)
