@@ -19,14 +19,14 @@ from .io import CTSeries, CTReadError, SAFE_TAGS, read_series, read_nifti, dicom
 from .windowing import four_channel, WINDOWS, CHANNELS
 
 # %% auto #0
-__all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_KINDS', 'CQ500_FINDINGS', 'CQ500_READERS',
-           'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
+__all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_KINDS', 'CONTRAST_RE', 'CQ500_FINDINGS',
+           'CQ500_READERS', 'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
            'check_cache_dir', 'cache_file', 'write_cache', 'precompute', 'case_arrays', 'split_cases',
            'balanced_slices', 'specialised_cases', 'case_slices', 'cohort_strata', 'SliceDataset', 'random_affines',
            'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource', 'read_dicom_header',
-           'read_dicom_files', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads', 'cq500_majority',
-           'cq500_reader_matrix', 'rank_series', 'choose_series', 'CQ500', 'reader_matrix', 'read_physionet_labels',
-           'PhysioNetICH']
+           'read_dicom_files', 'is_contrast', 'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019',
+           'read_cq500_reads', 'cq500_majority', 'cq500_reader_matrix', 'rank_series', 'choose_series',
+           'cq500_scan_folders', 'CQ500', 'reader_matrix', 'read_physionet_labels', 'PhysioNetICH']
 
 # %% ../nbs/10_data.ipynb #ff439819
 COHORT_FILES = ('cohort.json', 'cases.csv', 'slices.csv')
@@ -65,6 +65,7 @@ def _read_table(fn: Path, required: list) -> pd.DataFrame:
     if miss: raise ValueError(f'{fn}: missing column(s) {miss}; found {list(df.columns)}')
     return df
 
+# %% ../nbs/10_data.ipynb #ec3f3s01
 def load_cohort(path) -> Cohort:
     "Open a cohort folder (see the layout above), checking that every file and column the data layer needs is there."
     path = Path(path)
@@ -98,10 +99,12 @@ def resize_slices(a: np.ndarray,  # `(S, H, W)` slices
     else: x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
     return x[:, 0].numpy()
 
+# %% ../nbs/10_data.ipynb #df001s01
 def preprocess_hu(hu: np.ndarray, size: int = 256) -> np.ndarray:
     "HU volume `(S, H, W)` -> uint8 four-channel `(S, 4, size, size)` (stroke, brain, bone, stripped brain) x 255."
     return four_channel(resize_slices(hu, size, fill=-1024.), dtype=np.uint8)
 
+# %% ../nbs/10_data.ipynb #df001s02
 def resize_mask(mask: np.ndarray, size: int = 256) -> np.ndarray:
     "Label map `(S, H, W)` -> uint8 `(S, size, size)` by nearest-neighbour resizing (labels never blend)."
     return resize_slices(np.asarray(mask), size, mode='nearest', fill=0).round().astype(np.uint8)
@@ -228,6 +231,7 @@ def _warm_case(case_id, cohort=None, size=256, masks=True):
     if masks: cohort._build(case_id, size, 'masks')
     return case_id
 
+# %% ../nbs/10_data.ipynb #a245as01
 def precompute(cohort: Cohort, size: int = 256,
                n_workers: int = 0,  # worker processes (0: in this process)
                case_ids=None,  # default: every case
@@ -276,11 +280,13 @@ def _draw(pool: np.ndarray, n: int, rng, what: str) -> np.ndarray:
     warnings.warn(f'balanced_slices: only {len(pool)} {what} slices for {n}; drawing the rest with replacement')
     return np.concatenate([rng.permutation(pool), rng.choice(pool, n - len(pool), replace=True)])
 
+# %% ../nbs/10_data.ipynb #dfbc4s01
 def _quotas(n: int, subtypes: list) -> dict:
     "Split `n` evenly over `subtypes`, the remainder one each to the first ones."
     q, r = divmod(n, len(subtypes))
     return {s: q + (i < r) for i, s in enumerate(subtypes)}
 
+# %% ../nbs/10_data.ipynb #dfbc4s02
 def balanced_slices(cohort: Cohort, n_per_class: int,
                     case_ids=None,  # draw only from these cases (e.g. the training split)
                     seed: int = 0,
@@ -311,6 +317,7 @@ def balanced_slices(cohort: Cohort, n_per_class: int,
 # %% ../nbs/10_data.ipynb #be0351fe
 SPECIAL_KINDS = ('all', 'sdh', 'sah', 'small')
 
+# %% ../nbs/10_data.ipynb #be035s01
 def _lesion_cases(cases: pd.DataFrame, kind: str, pure: bool) -> pd.Series:
     "Boolean case selector of a specialised set."
     if kind == 'all': return cases['any'] == 1
@@ -322,6 +329,7 @@ def _lesion_cases(cases: pd.DataFrame, kind: str, pure: bool) -> pd.Series:
     sel = cases[st] == 1
     return sel & (cases[ICH_SUBTYPES].sum(axis=1) == 1) if pure else sel
 
+# %% ../nbs/10_data.ipynb #be035s02
 def specialised_cases(cohort: Cohort, kind: str = 'all',  # one of SPECIAL_KINDS
                       case_ids=None,  # choose only among these cases (e.g. the training split)
                       seed: int = 0, pure: bool = False) -> list:
@@ -336,6 +344,7 @@ def specialised_cases(cohort: Cohort, kind: str = 'all',  # one of SPECIAL_KINDS
     pos = pos if len(pos) == n else rng.choice(pos, n, replace=False)
     return sorted(pos.tolist()) + sorted(rng.choice(normal, n, replace=False).tolist())
 
+# %% ../nbs/10_data.ipynb #be035s03
 def case_slices(cohort: Cohort, case_ids) -> pd.DataFrame:
     "All slices of `case_ids` (a subset of `cohort.slices`, in case and slice order)."
     return cohort.slices[cohort.slices['case_id'].isin(set(case_ids))].reset_index(drop=True)
@@ -343,6 +352,7 @@ def case_slices(cohort: Cohort, case_ids) -> pd.DataFrame:
 # %% ../nbs/10_data.ipynb #5e1d0a31
 _DERIVED = dict(sdh='case labels (subdural)', sah='case labels (subarachnoid)', small='lesion volumes from the masks (vol_ml_total)')
 
+# %% ../nbs/10_data.ipynb #5e1d0s01
 def cohort_strata(cohort: Cohort) -> pd.DataFrame:
     "Per stratum (`sdh`, `sah`, `small`): `available`, `lesion_cases`, `derived_from` and `reason` (why not, else empty)."
     marks, rows = cohort.meta.get('strata', {}), []
@@ -385,6 +395,7 @@ def random_affines(n: int, p_flip: float = 0.5, max_rotate: float = 10.,  # degr
     cos, sin, z = torch.cos(ang) / s, torch.sin(ang) / s, torch.zeros(n)
     return torch.stack([torch.stack([cos * flip, -sin, z], 1), torch.stack([sin * flip, cos, z], 1)], 1)
 
+# %% ../nbs/10_data.ipynb #2959bs01
 def affine_grid(theta: torch.Tensor, H: int, W: int) -> torch.Tensor:
     "Sampling grid `(B, H, W, 2)` equal to `F.affine_grid(theta, (B, C, H, W), align_corners=False)`, built by broadcasting (much faster on CPU)."
     xs = (torch.arange(W, device=theta.device, dtype=theta.dtype) * 2 + 1) / W - 1  # pixel centres in [-1, 1]
@@ -393,6 +404,7 @@ def affine_grid(theta: torch.Tensor, H: int, W: int) -> torch.Tensor:
     row = theta[:, :, 1, None, None] * ys.view(1, 1, H, 1) + theta[:, :, 2, None, None]
     return (col + row).permute(0, 2, 3, 1)
 
+# %% ../nbs/10_data.ipynb #2959bs02
 def affine_warp(x: torch.Tensor,  # float images `(B, C, H, W)`
                 theta: torch.Tensor,  # `(B, 2, 3)` affines
                 mask: torch.Tensor | None = None,  # integer label maps `(B, H, W)`
@@ -492,6 +504,34 @@ def read_dicom_files(files) -> CTSeries:
     meta = {t: (v if isinstance(v, (str, int, float)) else str(v)) for t in SAFE_TAGS if (v := dss[0].get(t)) is not None}
     return CTSeries(hu, (slice_spacing(pos, dss[0], files[0].parent), dy, dx), meta, [str(f) for f in files])
 
+# %% ../nbs/10_data.ipynb #5e1d0b12
+CONTRAST_RE = re.compile(r'(?<!pre[ _-])(?<!non[ _-])(?<!non)(?<!no[ _-])(?<!w/o[ _-])(?<!without[ _-])contrast'
+                         r'|\bc\+|\bcect\b|enhanced|angio|\bcta\b', re.I)
+
+# %% ../nbs/10_data.ipynb #5e1d0c01
+def is_contrast(description='',  # SeriesDescription (or a NIfTI `descrip`)
+                agent='',  # ContrastBolusAgent
+               ) -> bool:
+    "True when a series is contrast-enhanced by its agent tag or its description."
+    a = str(agent or '').strip().upper()
+    return a not in ('', 'NONE', 'NO', 'N', 'NIL', '-') or bool(CONTRAST_RE.search(str(description or '')))
+
+# %% ../nbs/10_data.ipynb #5e1d0b15
+def dicom_facts(fn) -> dict:
+    "Header facts of one DICOM file for validation and grouping (`CTReadError` naming the file if unreadable)."
+    ds = read_dicom_header(fn)
+    iop = [float(v) for v in (ds.get('ImageOrientationPatient') or [1, 0, 0, 0, 1, 0])]
+    n = np.cross(iop[:3], iop[3:]); ipp = ds.get('ImagePositionPatient')
+    pos = float(np.dot(n, [float(v) for v in ipp])) if ipp is not None else float(ds.get('InstanceNumber', 0) or 0)
+    th = ds.get('SliceThickness')
+    return dict(file=str(fn), series_uid=str(ds.get('SeriesInstanceUID', '')), study_uid=str(ds.get('StudyInstanceUID', '')),
+                patient=str(ds.get('PatientID', '')),
+                normal_z=float(abs(n[2]) / (np.linalg.norm(n) or 1.)), position=pos,
+                rows=int(ds.get('Rows', 0)), cols=int(ds.get('Columns', 0)),
+                pixel_spacing='x'.join(f'{float(v):.4f}' for v in (ds.get('PixelSpacing') or [0, 0])),
+                description=str(ds.get('SeriesDescription', '')), thickness=float(th) if th not in (None, '') else np.nan,
+                contrast=is_contrast(ds.get('SeriesDescription', ''), ds.get('ContrastBolusAgent', '')))
+
 # %% ../nbs/10_data.ipynb #1b117893
 def read_rsna_labels(csv) -> pd.DataFrame:
     "RSNA 2019 label CSV -> one row per image: `image_id` + `LABEL_COLS` (int)."
@@ -515,19 +555,13 @@ def read_rsna_labels(csv) -> pd.DataFrame:
     return wide
 
 # %% ../nbs/10_data.ipynb #a8c49438
-def _slice_position(ds) -> float:
-    "Position along the slice normal (InstanceNumber when there is no geometry)."
-    ipp, iop = ds.get('ImagePositionPatient'), ds.get('ImageOrientationPatient') or [1, 0, 0, 0, 1, 0]
-    if ipp is None: return float(ds.get('InstanceNumber', 0) or 0)
-    return float(np.dot(np.cross([float(v) for v in iop[:3]], [float(v) for v in iop[3:]]), [float(v) for v in ipp]))
-
 def _rsna_header(fn) -> dict:
     "The grouping fields of one RSNA DICOM."
-    ds = read_dicom_header(fn)
-    return dict(image_id=Path(fn).stem, file=str(fn), patient_id=str(ds.get('PatientID', '')),
-                study_uid=str(ds.get('StudyInstanceUID', '')), case_id=str(ds.get('SeriesInstanceUID', '')),
-                position=_slice_position(ds))
+    f = dicom_facts(fn)
+    return dict(image_id=Path(fn).stem, file=str(fn), patient_id=f['patient'], study_uid=f['study_uid'],
+                case_id=f['series_uid'], position=f['position'])
 
+# %% ../nbs/10_data.ipynb #5e1d0b20
 def rsna_index(img_dir, n_workers: int = 0, progress: bool = True) -> pd.DataFrame:
     "Scan the headers of `img_dir/*.dcm`: one row per image with case (series), study, patient and slice order."
     files = sorted(Path(img_dir).glob('*.dcm'))
@@ -576,6 +610,7 @@ CQ500_FINDINGS = dict(ICH='any', EDH='epidural', IPH='intraparenchymal', IVH='in
 CQ500_READERS = ('R1', 'R2', 'R3')
 _CQ500_EXCLUDE = re.compile(r'bone|post|lung|scout|topo|mip|sag|cor(?!e)|(?<!pre[ _-])contrast', re.I)
 
+# %% ../nbs/10_data.ipynb #e52das01
 def read_cq500_reads(csv) -> pd.DataFrame:
     "CQ500 `reads.csv` with a `case_id` column (`name`), checked for the reader x finding columns."
     csv = Path(csv)
@@ -586,6 +621,7 @@ def read_cq500_reads(csv) -> pd.DataFrame:
     if miss: raise ValueError(f'{csv}: missing column(s) {miss[:6]}{" ..." if len(miss) > 6 else ""}')
     return df.assign(case_id=df['name'].astype(str).str.strip())
 
+# %% ../nbs/10_data.ipynb #e52das02
 def cq500_majority(reads: pd.DataFrame, min_votes: int = 2) -> pd.DataFrame:
     "Case labels (`LABEL_COLS`) by majority of the readers (>= `min_votes` of 3), plus `n_ich_votes`, `unanimous`."
     out = pd.DataFrame({'case_id': reads['case_id']})
@@ -595,6 +631,7 @@ def cq500_majority(reads: pd.DataFrame, min_votes: int = 2) -> pd.DataFrame:
     out['unanimous'] = out['n_ich_votes'].isin([0, len(CQ500_READERS)]).astype(int)
     return out[['case_id'] + LABEL_COLS + ['n_ich_votes', 'unanimous']]
 
+# %% ../nbs/10_data.ipynb #e52das03
 def cq500_reader_matrix(reads: pd.DataFrame, finding: str = 'ICH') -> pd.DataFrame:
     "Cases x readers 0/1 matrix of one finding (`ICH`, `IPH`, ...), e.g. for Fleiss' kappa."
     if finding not in CQ500_FINDINGS: raise ValueError(f'cq500_reader_matrix: finding must be one of {list(CQ500_FINDINGS)}')
@@ -625,26 +662,29 @@ def choose_series(series: pd.DataFrame,  # one row per series: `description`, `t
     return rank_series(series, target_mm, exclude=False)[0]
 
 # %% ../nbs/10_data.ipynb #d4f17486
-def _cq500_folders(root: Path) -> dict:
-    "Map case number -> scan folder (`CQ500CT<N> CQ500CT<N>`, at the top or one level down)."
+def cq500_scan_folders(root) -> dict:
+    "Scan number -> scan folder (`CQ500CT<N> CQ500CT<N>`, at the top of `root` or one level down, as the archives extract)."
     pat, out = re.compile(r'^CQ500CT(\d+)(?: CQ500CT\d+)?$'), {}
-    for p in list(root.glob('CQ500CT*')) + list(root.glob('*/CQ500CT*')):
+    for p in list(Path(root).glob('CQ500CT*')) + list(Path(root).glob('*/CQ500CT*')):
         m = pat.match(p.name)
         if m and p.is_dir(): out[int(m.group(1))] = p
     return out
 
+# %% ../nbs/10_data.ipynb #5e1d0b21
 def _series_row(folder: Path) -> dict:
-    "Description, slice thickness and file count of one series folder."
+    "Description, slice thickness (NaN if the first header is unreadable) and file count of one series folder."
     files = sorted(folder.glob('*.dcm'))
-    th = read_dicom_header(files[0]).get('SliceThickness')
+    try: th = read_dicom_header(files[0]).get('SliceThickness')
+    except CTReadError: th = None
     return dict(description=folder.name, thickness=float(th) if th not in (None, '') else np.nan, n_files=len(files), folder=str(folder))
 
+# %% ../nbs/10_data.ipynb #5e1d0b22
 class CQ500(CTSource):
     "CQ500: majority case labels (`.cases`), raw reads (`.reads`), reader matrix, and one chosen series per scan."
     def __init__(self, root, reads_csv: str = 'reads.csv', target_mm: float | None = 5.0):
         self.root, self.target_mm = Path(root), target_mm
         self.reads = read_cq500_reads(self.root / reads_csv)
-        folders = _cq500_folders(self.root)
+        folders = cq500_scan_folders(self.root)
         num = self.reads['case_id'].str.extract(r'(\d+)$')[0].astype(int)
         self.cases = cq500_majority(self.reads).assign(category=self.reads.get('Category'),
                                                          folder=[str(folders[n]) if n in folders else None for n in num])
@@ -686,6 +726,7 @@ def reader_matrix(cohort: Cohort, finding: str = 'ICH') -> pd.DataFrame:
 PHYSIONET_COLS = dict(Epidural='epidural', Intraparenchymal='intraparenchymal', Intraventricular='intraventricular',
                       Subarachnoid='subarachnoid', Subdural='subdural')
 
+# %% ../nbs/10_data.ipynb #1833as01
 def read_physionet_labels(csv) -> pd.DataFrame:
     "PhysioNet CT-ICH slice CSV -> `case_id` ('049'), `slice_number` (1-based, file order), `LABEL_COLS`, `fracture`."
     csv = Path(csv)
@@ -702,6 +743,7 @@ def read_physionet_labels(csv) -> pd.DataFrame:
     out['fracture'] = df['Fracture_Yes_No'].astype(int) if 'Fracture_Yes_No' in df else 0
     return out[['case_id', 'slice_number'] + LABEL_COLS + ['fracture']].sort_values(['case_id', 'slice_number'], ignore_index=True)
 
+# %% ../nbs/10_data.ipynb #1833as02
 def _stored_axis_reversed(fn) -> bool:
     "True when the third stored axis of a NIfTI runs superior to inferior (so `read_nifti` reverses it)."
     import nibabel as nib

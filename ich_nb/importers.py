@@ -13,17 +13,17 @@ from .core import *
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # raised by fastai's import, noise on a CLI's stderr
 from .io import CTReadError, read_nifti, write_series
 from .synth import make_case, save_npz
-from .data import (read_dicom_header, read_dicom_files, read_rsna_labels, read_cq500_reads, cq500_majority,
-                         rank_series, PhysioNetICH, CQ500_FINDINGS, CQ500_READERS, check_cache_dir, write_cache)
+from .data import (read_dicom_header, read_dicom_files, dicom_facts, is_contrast, read_rsna_labels, rank_series,
+                         CQ500, PhysioNetICH, CQ500_FINDINGS, CQ500_READERS, check_cache_dir, write_cache)
 
 # %% auto #0
-__all__ = ['IMPORT_KINDS', 'SKIP_REASONS', 'CONTRAST_RE', 'AXIAL_MIN_COS', 'FAKE_PHI', 'RSNA_ORDER', 'CQ500_EXTRA',
-           'PHYSIONET_SUBTYPES', 'PLANNERS', 'SOURCE_NAMES', 'SkipSeries', 'is_contrast', 'dicom_facts',
-           'series_problem', 'nifti_problem', 'fake_patient_id', 'fake_rsna', 'fake_cq500', 'fake_physionet',
-           'fake_folder', 'Candidate', 'hashed_id', 'patient_groups', 'scan_dicom', 'progress_lines', 'run_pool',
-           'plan_rsna', 'plan_cq500', 'plan_physionet', 'read_folder_labels', 'plan_folder', 'read_checked',
-           'attach_labels', 'attach_mask', 'case_record', 'import_case', 'NothingImported', 'strata_markers',
-           'assemble_cohort', 'ich_version', 'import_cohort', 'import_parser', 'main', 'check_no_phi']
+__all__ = ['IMPORT_KINDS', 'SKIP_REASONS', 'AXIAL_MIN_COS', 'FAKE_PHI', 'RSNA_ORDER', 'CQ500_EXTRA', 'PHYSIONET_SUBTYPES',
+           'PLANNERS', 'SOURCE_NAMES', 'SkipSeries', 'series_problem', 'nifti_problem', 'fake_patient_id', 'fake_rsna',
+           'fake_cq500', 'fake_physionet', 'fake_folder', 'Candidate', 'hashed_id', 'progress_lines', 'run_pool',
+           'patient_groups', 'scan_dicom', 'plan_rsna', 'plan_cq500', 'plan_physionet', 'read_folder_labels',
+           'plan_folder', 'read_checked', 'attach_labels', 'attach_mask', 'case_record', 'import_case',
+           'NothingImported', 'strata_markers', 'assemble_cohort', 'import_cohort', 'import_parser', 'main',
+           'check_no_phi']
 
 # %% ../nbs/11_import.ipynb #1a000007
 IMPORT_KINDS = ('rsna', 'cq500', 'physionet', 'folder')
@@ -50,35 +50,10 @@ class SkipSeries(Exception):
         if reason not in SKIP_REASONS: raise ValueError(f'SkipSeries: unknown reason {reason!r}; use one of {list(SKIP_REASONS)}')
         super().__init__(f'{reason}: {detail}'); self.reason, self.detail = reason, detail
 
-# %% ../nbs/11_import.ipynb #1a000012
-CONTRAST_RE = re.compile(r'(?<!pre[ _-])(?<!non[ _-])(?<!non)(?<!no[ _-])(?<!w/o[ _-])(?<!without[ _-])contrast'
-                         r'|\bc\+|\bcect\b|enhanced|angio|\bcta\b', re.I)
-
-def is_contrast(description='',  # SeriesDescription (or a NIfTI `descrip`)
-                agent='',  # ContrastBolusAgent
-               ) -> bool:
-    "True when a series is contrast-enhanced by its agent tag or its description."
-    a = str(agent or '').strip().upper()
-    return a not in ('', 'NONE', 'NO', 'N', 'NIL', '-') or bool(CONTRAST_RE.search(str(description or '')))
-
-# %% ../nbs/11_import.ipynb #1a000015
-def dicom_facts(fn) -> dict:
-    "Header facts of one DICOM file for validation and grouping (`CTReadError` naming the file if unreadable)."
-    ds = read_dicom_header(fn)
-    iop = [float(v) for v in (ds.get('ImageOrientationPatient') or [1, 0, 0, 0, 1, 0])]
-    n = np.cross(iop[:3], iop[3:]); ipp = ds.get('ImagePositionPatient')
-    pos = float(np.dot(n, [float(v) for v in ipp])) if ipp is not None else float(ds.get('InstanceNumber', 0) or 0)
-    th = ds.get('SliceThickness')
-    return dict(file=str(fn), series_uid=str(ds.get('SeriesInstanceUID', '')), patient=str(ds.get('PatientID', '')),
-                normal_z=float(abs(n[2]) / (np.linalg.norm(n) or 1.)), position=pos,
-                rows=int(ds.get('Rows', 0)), cols=int(ds.get('Columns', 0)),
-                pixel_spacing='x'.join(f'{float(v):.4f}' for v in (ds.get('PixelSpacing') or [0, 0])),
-                description=str(ds.get('SeriesDescription', '')), thickness=float(th) if th not in (None, '') else np.nan,
-                contrast=is_contrast(ds.get('SeriesDescription', ''), ds.get('ContrastBolusAgent', '')))
-
 # %% ../nbs/11_import.ipynb #1a000017
 AXIAL_MIN_COS = float(np.cos(np.deg2rad(45)))  # |slice normal . body axis| below this: not axial
 
+# %% ../nbs/11_import.ipynb #1b000001
 def series_problem(facts: pd.DataFrame,  # `dicom_facts` of every file of the series
                    min_slices: int = 10, rel_tol: float = 0.1) -> SkipSeries | None:
     "The first reason to leave a DICOM series out, or None when it passes every check."
@@ -114,10 +89,12 @@ def nifti_problem(fn, min_slices: int = 10) -> SkipSeries | None:
 # %% ../nbs/11_import.ipynb #1a000022
 FAKE_PHI = dict(PatientName='FAKE^JANE^Q', PatientBirthDate='19450317')  # plus a PatientID per patient (`fake_patient_id`)
 
+# %% ../nbs/11_import.ipynb #1b000002
 def fake_patient_id(i: int) -> str:
     "The PatientID the fake datasets give patient `i` (recognisable, so a test can look for it in the output)."
     return f'FAKEPID{i:05d}'
 
+# %% ../nbs/11_import.ipynb #1b000003
 def _phantoms(n: int, size: int, seed: int) -> list:
     "`n` phantom cases alternating ICH (SDH, SAH, IPH, IVH, EDH in turn) and normal."
     subs = [['subdural'], ['subarachnoid'], ['intraparenchymal'], ['intraventricular'], ['epidural']]
@@ -130,6 +107,7 @@ def _write_dicom(c, dest: Path, patient: int, uid: str, **tags) -> list:
     return write_series(c.hu, c.spacing, dest, case_id=c.record['case_id'], origin=c.origin, uid_seed=uid,
                         description=tags.pop('SeriesDescription', 'CT HEAD'), **kw)
 
+# %% ../nbs/11_import.ipynb #1b000004
 def _truncate(fn: Path, keep: int = 400):
     "Cut the pixel data of a DICOM file (the header stays readable): an unreadable file."
     fn.write_bytes(fn.read_bytes()[:-keep])
@@ -137,6 +115,7 @@ def _truncate(fn: Path, keep: int = 400):
 # %% ../nbs/11_import.ipynb #1a000025
 RSNA_ORDER = ['epidural', 'intraparenchymal', 'intraventricular', 'subarachnoid', 'subdural', 'any']  # rows per image in the CSV
 
+# %% ../nbs/11_import.ipynb #1b000005
 def fake_rsna(dest, n_cases: int = 4, size: int = 32, seed: int = 0, broken: bool = True) -> dict:
     "Write a fake RSNA 2019 training set; return `dict(root, series={uid: n slices}, broken={reason: uid or image id})`."
     dest = Path(dest); img = dest / 'stage_2_train'; img.mkdir(parents=True, exist_ok=True)
@@ -167,6 +146,7 @@ def fake_rsna(dest, n_cases: int = 4, size: int = 32, seed: int = 0, broken: boo
 CQ500_EXTRA = ['BleedLocation-Left', 'BleedLocation-Right', 'ChronicBleed', 'Fracture', 'CalvarialFracture',
                'OtherFracture', 'MassEffect', 'MidlineShift']  # the other reads.csv findings of each reader
 
+# %% ../nbs/11_import.ipynb #1b000006
 def _cq500_scan(root: Path, n: int, c, series: list, patient: int) -> list:
     "Write the series `[(description, tags)]` of scan `n`; return each series' folder."
     out = []
@@ -177,6 +157,7 @@ def _cq500_scan(root: Path, n: int, c, series: list, patient: int) -> list:
         out.append(d)
     return out
 
+# %% ../nbs/11_import.ipynb #1b000007
 def _cq500_read_row(n: int, c, miss: bool) -> dict:
     "A reads.csv row: readers 1-2 call the phantom's findings, reader 3 too unless `miss`."
     truth = {f: int(c.record[col]) for f, col in CQ500_FINDINGS.items()}
@@ -211,6 +192,7 @@ def fake_cq500(dest, n_cases: int = 4, size: int = 32, seed: int = 0, broken: bo
 PHYSIONET_SUBTYPES = dict(epidural='Epidural', intraparenchymal='Intraparenchymal', intraventricular='Intraventricular',
                           subarachnoid='Subarachnoid', subdural='Subdural')
 
+# %% ../nbs/11_import.ipynb #1b000008
 def _to_nifti(a: np.ndarray, spacing, reverse: bool = False, descrip: str = ''):
     "A `(S, H, W)` array (inferior to superior, rows anterior to posterior) as a NIfTI image stored (x, y, z) in RAS."
     import nibabel as nib
@@ -221,6 +203,7 @@ def _to_nifti(a: np.ndarray, spacing, reverse: bool = False, descrip: str = ''):
     if descrip: img.header['descrip'] = descrip.encode()
     return img
 
+# %% ../nbs/11_import.ipynb #1b000009
 def _physionet_rows(pn: int, labels: pd.DataFrame, reverse: bool) -> list:
     "CSV rows of one patient: SliceNumber counts along the stored third axis."
     n = len(labels); out = []
@@ -257,6 +240,7 @@ def _folder_rows(key: str, labels: pd.DataFrame, mask: str | None = None) -> lis
     return [dict(series=key, slice=k, **{c: int(labels[c].iloc[k]) for c in LABEL_COLS}, **({'mask': mask} if mask else {}))
             for k in range(len(labels))]
 
+# %% ../nbs/11_import.ipynb #1b000010
 def fake_folder(dest, n_cases: int = 4, size: int = 32, seed: int = 0, masks: bool = False, broken: bool = True) -> dict:
     "Write a folder of scans with `labels.csv` (see above); return `dict(root, series=[keys], broken={reason: key})`."
     import nibabel as nib
@@ -300,32 +284,6 @@ def hashed_id(prefix: str, *parts) -> str:
     "A case id from a hash of identifiers (e.g. a series UID): `<prefix>-<12 hex>`, stable, not reversible."
     return f'{prefix}-' + hashlib.sha256('|'.join(map(str, parts)).encode()).hexdigest()[:12]
 
-# %% ../nbs/11_import.ipynb #1a000043
-def _facts_or_error(fn) -> dict:
-    try: return dicom_facts(fn)
-    except CTReadError as e: return dict(file=str(fn), error=str(e))
-
-def _facts_chunk(files) -> list: return [_facts_or_error(f) for f in files]
-
-# %% ../nbs/11_import.ipynb #1a000044
-def patient_groups(ids: pd.Series) -> pd.Series:
-    "Patient ids -> `P00001`, ... by rank of the id (no id written out; two series of one patient share a group)."
-    codes = {p: f'P{i + 1:05d}' for i, p in enumerate(sorted(set(ids)))}
-    return ids.map(codes)
-
-# %% ../nbs/11_import.ipynb #1a000046
-def scan_dicom(files, workers: int = 1, progress: bool = True) -> tuple:
-    "Header facts of `files` (patient ids replaced by `patient_group`) and the unreadable ones as skip rows."
-    files = [str(f) for f in files]
-    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
-    facts = [r for rs in run_pool(_facts_chunk, chunks, workers, 'headers', progress, total=len(chunks)) for r in rs]
-    df = pd.DataFrame(facts, columns=list(dict.fromkeys(['file', 'error'] + [k for r in facts for k in r])))
-    bad = df[df['error'].notna()] if 'error' in df else df.iloc[:0]
-    skips = [dict(key=Path(r.file).name, case_id='', reason='unreadable', detail=r.error) for r in bad.itertuples()]
-    ok = df[df['error'].isna()].drop(columns='error').sort_values('file', ignore_index=True)  # workers finish in any order
-    ok['patient_group'] = patient_groups(ok['patient']); ok = ok.drop(columns='patient')
-    return ok, skips
-
 # %% ../nbs/11_import.ipynb #1a000048
 def progress_lines(it, total: int, desc: str, show: bool = True, every_s: float = 30.):
     "Yield from `it`: a tqdm bar on a terminal, else a plain line every 10 % of `total` or `every_s` seconds."
@@ -349,6 +307,33 @@ def run_pool(fn, items: list, workers: int = 1, desc: str = '', progress: bool =
         futs = [ex.submit(fn, x) for x in items]
         yield from progress_lines((f.result() for f in as_completed(futs)), total, desc, progress)
 
+# %% ../nbs/11_import.ipynb #1a000043
+def _facts_or_error(fn) -> dict:
+    try: return dicom_facts(fn)
+    except CTReadError as e: return dict(file=str(fn), error=str(e))
+
+# %% ../nbs/11_import.ipynb #1b000011
+def _facts_chunk(files) -> list: return [_facts_or_error(f) for f in files]
+
+# %% ../nbs/11_import.ipynb #1a000044
+def patient_groups(ids: pd.Series) -> pd.Series:
+    "Patient ids -> `P00001`, ... by rank of the id (no id written out; two series of one patient share a group)."
+    codes = {p: f'P{i + 1:05d}' for i, p in enumerate(sorted(set(ids)))}
+    return ids.map(codes)
+
+# %% ../nbs/11_import.ipynb #1a000046
+def scan_dicom(files, workers: int = 1, progress: bool = True) -> tuple:
+    "Header facts of `files` (patient ids replaced by `patient_group`) and the unreadable ones as skip rows."
+    files = [str(f) for f in files]
+    chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
+    facts = [r for rs in run_pool(_facts_chunk, chunks, workers, 'headers', progress, total=len(chunks)) for r in rs]
+    df = pd.DataFrame(facts, columns=list(dict.fromkeys(['file', 'error'] + [k for r in facts for k in r])))
+    bad = df[df['error'].notna()] if 'error' in df else df.iloc[:0]
+    skips = [dict(key=Path(r.file).name, case_id='', reason='unreadable', detail=r.error) for r in bad.itertuples()]
+    ok = df[df['error'].isna()].drop(columns='error').sort_values('file', ignore_index=True)  # workers finish in any order
+    ok['patient_group'] = patient_groups(ok['patient']); ok = ok.drop(columns='patient')
+    return ok, skips
+
 # %% ../nbs/11_import.ipynb #1a000052
 def plan_rsna(src, workers: int = 1, progress: bool = True,
               csv: str = 'stage_2_train.csv', img_dir: str = 'stage_2_train') -> tuple:
@@ -367,45 +352,27 @@ def plan_rsna(src, workers: int = 1, progress: bool = True,
                                extra=dict(patient_group=g['patient_group'].iloc[0])))
     return cands, skips, {}
 
-# %% ../nbs/11_import.ipynb #1a000054
-def _cq500_series(folder: Path) -> pd.DataFrame:
-    "Every series folder of a scan: description, thickness (first header), n_files, folder."
-    rows = []
-    for d in sorted({p.parent for p in folder.rglob('*.dcm')}):
-        fs = sorted(d.glob('*.dcm'))
-        try: th = read_dicom_header(fs[0]).get('SliceThickness')
-        except CTReadError: th = None
-        rows.append(dict(description=d.name, thickness=float(th) if th not in (None, '') else np.nan, n_files=len(fs), folder=d))
-    return pd.DataFrame(rows, columns=['description', 'thickness', 'n_files', 'folder'])
-
-def _cq500_scans(root: Path) -> dict:
-    "Scan number -> scan folder (`CQ500CT<N> CQ500CT<N>`, at the top or one level down)."
-    pat, out = re.compile(r'^CQ500CT(\d+)(?: CQ500CT\d+)?$'), {}
-    for p in list(root.glob('CQ500CT*')) + list(root.glob('*/CQ500CT*')):
-        m = pat.match(p.name)
-        if m and p.is_dir(): out[int(m.group(1))] = p
-    return out
-
 # %% ../nbs/11_import.ipynb #1a000055
 def plan_cq500(src, workers: int = 1, progress: bool = True, reads_csv: str = 'reads.csv', target_mm: float | None = 5.0) -> tuple:
     "`(candidates, early skips, {'readers': reads})` of a CQ500 download: one candidate per scan, its series ranked."
-    src = Path(src); reads = read_cq500_reads(src / reads_csv)
-    maj = cq500_majority(reads).set_index('case_id'); scans = _cq500_scans(src)
+    src = Path(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore'); cq = CQ500(src, reads_csv, target_mm)  # scans without a folder are reported below
     cands, skips = [], []
-    for cid in maj.index:
-        n = int(re.search(r'(\d+)$', cid).group(1))
-        if n not in scans: skips.append(dict(key=cid, case_id=cid, reason='no_file', detail=f'{reads_csv} has {cid} but no scan folder CQ500CT{n}')); continue
-        ser = _cq500_series(scans[n]); order = rank_series(ser, target_mm)
-        for i in ser.index.difference(order):
-            d = ser.loc[i, 'description']
-            skips.append(dict(key=str(ser.loc[i, 'folder'].relative_to(src)), case_id=cid, reason='contrast' if is_contrast(d) else 'excluded',
-                              detail=f'series description {d!r}'))
+    for r in cq.cases.itertuples():
+        if pd.isna(r.folder): skips.append(dict(key=r.case_id, case_id=r.case_id, reason='no_file', detail=f'{reads_csv} has {r.case_id} but there is no scan folder')); continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore'); ser = cq.series_table(r.case_id)
+        except CTReadError as e: skips.append(dict(key=r.case_id, case_id=r.case_id, reason='no_file', detail=str(e))); continue
+        order, rel = rank_series(ser, target_mm), lambda i: str(Path(ser.loc[i, 'folder']).relative_to(src))
+        skips += [dict(key=rel(i), case_id=r.case_id, reason='contrast' if is_contrast(ser.loc[i, 'description']) else 'excluded',
+                       detail=f"series description {ser.loc[i, 'description']!r}") for i in ser.index.difference(order)]
         if not order: continue
-        extra = dict(patient_group=cid, n_ich_votes=int(maj.loc[cid, 'n_ich_votes']), unanimous=int(maj.loc[cid, 'unanimous']))
-        if 'Category' in reads: extra['category'] = str(reads.set_index('case_id').loc[cid, 'Category'])
-        cands.append(Candidate(cid, [(str(ser.loc[i, 'folder'].relative_to(src)), sorted(ser.loc[i, 'folder'].glob('*.dcm'))) for i in order],
-                               label_by='case', case_labels={c: int(maj.loc[cid, c]) for c in LABEL_COLS}, extra=extra))
-    readers = reads[['case_id'] + [f'{r}:{f}' for r in CQ500_READERS for f in CQ500_FINDINGS]]
+        extra = dict(patient_group=r.case_id, n_ich_votes=int(r.n_ich_votes), unanimous=int(r.unanimous), category=str(r.category))
+        cands.append(Candidate(r.case_id, [(rel(i), sorted(Path(ser.loc[i, 'folder']).glob('*.dcm'))) for i in order],
+                               label_by='case', case_labels={c: int(getattr(r, c)) for c in LABEL_COLS}, extra=extra))
+    readers = cq.reads[['case_id'] + [f'{k}:{f}' for k in CQ500_READERS for f in CQ500_FINDINGS]]
     return cands, skips, dict(readers=readers)
 
 # %% ../nbs/11_import.ipynb #1a000057
@@ -447,6 +414,7 @@ def _folder_files(src: Path, skip: set) -> tuple:
         elif p.suffix.lower() == '.dcm' or p.suffix == '': dcm.append(p)
     return dcm, nii
 
+# %% ../nbs/11_import.ipynb #1b000012
 def _wide_labels(df: pd.DataFrame, key: str, form: str):
     "Slice labels (by position) or case labels of one series from a wide labels table, and its mask."
     rows = df[df['series'] == key]
@@ -560,6 +528,7 @@ def case_record(cand: Candidate, key: str, ct, labels: pd.DataFrame, mask, mask_
 def _json_default(o):
     return o.item() if hasattr(o, 'item') else str(o)
 
+# %% ../nbs/11_import.ipynb #1b000013
 def import_case(cand: Candidate, out, kind: str = 'folder', store: str = 'link', size: int | None = None,
                 min_slices: int = 10, rel_tol: float = 0.1) -> dict:
     "Import one candidate (its first series that passes every check); write the case and its record; return the record."
@@ -585,6 +554,7 @@ def import_case(cand: Candidate, out, kind: str = 'folder', store: str = 'link',
 class NothingImported(RuntimeError):
     "No case of the source could be imported (the validation report says why)."
 
+# %% ../nbs/11_import.ipynb #1b000014
 PLANNERS = dict(rsna=plan_rsna, cq500=plan_cq500, physionet=plan_physionet, folder=plan_folder)
 SOURCE_NAMES = dict(rsna='RSNA 2019', cq500='CQ500', physionet='PhysioNet CT-ICH', folder='this folder')
 
@@ -609,6 +579,7 @@ def _check_params(out: Path, params: dict):
     else:
         with atomic_write(p) as f: json.dump(params, f, indent=1)
 
+# %% ../nbs/11_import.ipynb #1b000015
 def _no_mask_rule(cands: list, skips: list) -> list:
     "When some candidates have a mask, leave out those without (a strong training set needs every mask)."
     if not any(c.mask for c in cands): return cands
@@ -622,12 +593,19 @@ def _records(out: Path, cands: list) -> tuple:
     done = [rd('done', c) for c in cands if (out / 'import' / 'done' / f'{c.case_id}.json').is_file()]
     return done, [rd('skipped', c) for c in cands if (out / 'import' / 'skipped' / f'{c.case_id}.json').is_file()]
 
+# %% ../nbs/11_import.ipynb #1b000016
 def _slice_rows(d: dict) -> pd.DataFrame:
     df = pd.DataFrame(d['labels'], columns=LABEL_COLS)
     df.insert(0, 'slice_index', range(len(df))); df.insert(0, 'case_id', d['case_id']); df.insert(0, 'image_id', d['image_ids'])
     return df
 
 # %% ../nbs/11_import.ipynb #1a000078
+def _ich_version() -> str:
+    "The installed ich_nb version."
+    import ich_nb
+    return ich_nb.__version__
+
+# %% ../nbs/11_import.ipynb #1b000017
 def assemble_cohort(out, kind: str, cands: list, skips: list, info: dict, params: dict) -> dict:
     "Write cases.csv, slices.csv, import_report.csv, cohort.json (and readers.csv) from the case records."
     out = Path(out); done, skipped = _records(out, cands)
@@ -639,7 +617,7 @@ def assemble_cohort(out, kind: str, cands: list, skips: list, info: dict, params
     slices = pd.concat([_slice_rows(d) for d in sorted(done, key=lambda d: d['case_id'])], ignore_index=True)
     level = 'case' if slices[LABEL_COLS].isna().all().all() else 'slice'
     kinds = sorted({d['mask_kind'] for d in done if d['mask_kind']})
-    meta = dict(generator='ich_nb.importers', version=ich_version(), **params, label_level=level, mask_kind=kinds[0] if kinds else None,
+    meta = dict(generator='ich_nb.importers', version=_ich_version(), **params, label_level=level, mask_kind=kinds[0] if kinds else None,
                 strata=strata_markers(kind, bool(kinds), level), n_cases=len(cases), n_slices=len(slices),
                 left_out=report['reason'].value_counts().sort_index().to_dict())
     for name, df in [('cases.csv', cases), ('slices.csv', slices)] + ([('readers.csv', info['readers'][info['readers'].case_id.isin(set(cases.case_id))])] if 'readers' in info else []):
@@ -647,11 +625,13 @@ def assemble_cohort(out, kind: str, cands: list, skips: list, info: dict, params
     with atomic_write(out / 'cohort.json') as f: json.dump(meta, f, indent=1, default=_json_default)
     return meta
 
-def ich_version() -> str:
-    import ich_nb
-    return ich_nb.__version__
-
 # %% ../nbs/11_import.ipynb #1a000079
+def _import_job(a) -> str:
+    "`import_case` on a `(candidate, settings)` pair (the unit of work of the pool)."
+    cand, job = a
+    return import_case(cand, **job)['status']
+
+# %% ../nbs/11_import.ipynb #1b000018
 def import_cohort(kind: str,  # one of `IMPORT_KINDS`
                   src, out,  # source folder, cohort folder (created; an unfinished import there is continued)
                   workers: int | None = None,  # processes (default: every CPU)
@@ -683,15 +663,12 @@ def import_cohort(kind: str,  # one of `IMPORT_KINDS`
     for _ in run_pool(_import_job, [(c, job) for c in pending], workers, f'import {kind}', progress): pass
     return assemble_cohort(out, kind, cands, skips, info, params)
 
-def _import_job(a) -> str:
-    cand, job = a
-    return import_case(cand, **job)['status']
-
 # %% ../nbs/11_import.ipynb #1a000081
 class _Parser(argparse.ArgumentParser):
     "argparse with one-line errors (exit status 2)."
     def error(self, message): print(f'{self.prog}: error: {message}', file=sys.stderr); sys.exit(2)
 
+# %% ../nbs/11_import.ipynb #1b000019
 def import_parser() -> argparse.ArgumentParser:
     "The `ich_nb_import` argument parser."
     p = _Parser(prog='ich_nb_import', description='Import RSNA 2019, CQ500, PhysioNet CT-ICH or a folder of DICOM/NIfTI scans '
