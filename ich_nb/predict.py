@@ -8,14 +8,14 @@ import argparse, re
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from .core import atomic_save, default_device, lesion_volume_ml
-from .io import read_series, CTReadError, _read_header
+from .io import read_series, CTReadError, find_series
 from .data import preprocess_hu
 from .unet import net_from_dict, net_to_dict
 from .ensemble import COMBINATIONS, combo_models, prepare_ensemble, ensemble_maps, case_result
 
 # %% auto #0
-__all__ = ['PRED_COLS', 'package_file', 'load_ensemble', 'pack_unets', 'find_series', 'resized_spacing', 'predict_series',
-           'overlay_figure', 'read_predictions', 'predict_folder', 'main']
+__all__ = ['PRED_COLS', 'package_file', 'load_ensemble', 'pack_unets', 'resized_spacing', 'predict_series', 'overlay_figure',
+           'read_predictions', 'predict_folder', 'main']
 
 # %% ../nbs/70_predict.ipynb #776059dd
 def package_file(path) -> Path:
@@ -54,36 +54,6 @@ def pack_unets(nets: dict,  # {name: ich_nb net}, names `model1`..`model5` and `
     unets = {k: net_to_dict(m, **getattr(m, 'meta', {})) for k, m in nets.items()}
     pkg = dict(ich_nb_version=ich_nb.__version__, config=config, classifiers={}, unets=unets)
     return atomic_save(Path(dest), lambda t: torch.save(pkg, t))
-
-# %% ../nbs/70_predict.ipynb #80c96a91
-def _is_nifti(p: Path) -> bool: return p.name.endswith(('.nii', '.nii.gz'))
-
-def _dicom_uids(folder: Path) -> tuple:
-    "`({SeriesInstanceUID: n files}, [unreadable file messages])` of the files directly in `folder`."
-    uids, bad = {}, []
-    for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.') and not _is_nifti(p)):
-        try: uid = str(_read_header(f, stop_before_pixels=True).get('SeriesInstanceUID', ''))
-        except CTReadError as e: bad.append(str(e)); continue
-        uids[uid] = uids.get(uid, 0) + 1
-    return uids, bad
-
-def find_series(root) -> pd.DataFrame:
-    "One row per CT series under `root`: `series` (a name), `path`, `series_uid` ('' = the only series there), `n_files`, `error`."
-    root = Path(root)
-    if not root.exists(): raise FileNotFoundError(f'{root}: does not exist')
-    if root.is_file(): return pd.DataFrame([dict(series=root.name, path=str(root), series_uid='', n_files=1, error='')])
-    rows = []
-    for d in [root, *sorted(p for p in root.rglob('*') if p.is_dir() and not p.name.startswith('.'))]:
-        rel = d.relative_to(root).as_posix() if d != root else root.name
-        for f in sorted(p for p in d.iterdir() if p.is_file() and _is_nifti(p)):
-            rows.append(dict(series=f.relative_to(root).as_posix(), path=str(f), series_uid='', n_files=1, error=''))
-        uids, bad = _dicom_uids(d)
-        for uid, n in uids.items():
-            name = rel if len(uids) == 1 else f'{rel}#{uid}'
-            rows.append(dict(series=name, path=str(d), series_uid=uid if len(uids) > 1 else '', n_files=n, error=''))
-        if bad and not uids:
-            rows.append(dict(series=rel, path=str(d), series_uid='', n_files=0, error=f'no readable DICOM: {bad[0]}'))
-    return pd.DataFrame(rows, columns=['series', 'path', 'series_uid', 'n_files', 'error'])
 
 # %% ../nbs/70_predict.ipynb #65cf657b
 def resized_spacing(spacing, shape, size: int) -> tuple:
