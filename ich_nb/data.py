@@ -9,13 +9,12 @@ from collections import OrderedDict
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn.functional as F
-import pydicom
 from fastcore.basics import store_attr, patch
 from fastcore.parallel import parallel
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from .core import *
-from .io import CTSeries, CTReadError, SAFE_TAGS, read_series, read_nifti, dicom_to_hu, sort_slices, slice_spacing
+from .io import CTSeries, CTReadError, read_series, read_nifti, dicom_header, slice_position, read_dicom_files
 from .windowing import four_channel, WINDOWS, CHANNELS
 
 # %% auto #0
@@ -23,10 +22,10 @@ __all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_
            'CQ500_READERS', 'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
            'check_cache_dir', 'cache_file', 'write_cache', 'precompute', 'case_arrays', 'split_cases',
            'balanced_slices', 'specialised_cases', 'case_slices', 'cohort_strata', 'SliceDataset', 'random_affines',
-           'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource', 'read_dicom_header',
-           'read_dicom_files', 'is_contrast', 'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019',
-           'read_cq500_reads', 'cq500_majority', 'cq500_reader_matrix', 'rank_series', 'choose_series',
-           'cq500_scan_folders', 'CQ500', 'reader_matrix', 'read_physionet_labels', 'PhysioNetICH']
+           'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource', 'is_contrast',
+           'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads', 'cq500_majority',
+           'cq500_reader_matrix', 'rank_series', 'choose_series', 'cq500_scan_folders', 'CQ500', 'reader_matrix',
+           'read_physionet_labels', 'PhysioNetICH']
 
 # %% ../nbs/10_data.ipynb #ff439819
 COHORT_FILES = ('cohort.json', 'cases.csv', 'slices.csv')
@@ -484,26 +483,6 @@ class CTSource:
     def __len__(self): return len(self.cases)
     def __repr__(self): return f'{type(self).__name__}({self.root}: {len(self.cases)} cases)'
 
-# %% ../nbs/10_data.ipynb #5e1d0a41
-def read_dicom_header(fn, pixels: bool = False) -> pydicom.Dataset:
-    "One DICOM file (without its pixel data unless `pixels`), or `CTReadError` naming the file."
-    try: return pydicom.dcmread(str(fn), stop_before_pixels=not pixels)
-    except Exception as e: raise CTReadError(f'{fn}: cannot be read as DICOM ({type(e).__name__}: {e})') from None
-
-# %% ../nbs/10_data.ipynb #5e1d0a42
-def read_dicom_files(files) -> CTSeries:
-    "Read DICOM slices of one series given as a list of files (any folder layout), sorted along the slice normal."
-    files = [Path(f) for f in files]
-    if not files: raise CTReadError('read_dicom_files: no files given')
-    dss = [read_dicom_header(f, pixels=True) for f in files]
-    shapes = {(int(d.get('Rows', 0)), int(d.get('Columns', 0))) for d in dss}
-    if len(shapes) > 1: raise CTReadError(f'{files[0].parent}: slices have different sizes {sorted(shapes)}')
-    dss, files, pos = sort_slices(dss, files)
-    hu = np.stack([dicom_to_hu(d, f) for d, f in zip(dss, files)])
-    dy, dx = (float(v) for v in dss[0].get('PixelSpacing', [1, 1]))
-    meta = {t: (v if isinstance(v, (str, int, float)) else str(v)) for t in SAFE_TAGS if (v := dss[0].get(t)) is not None}
-    return CTSeries(hu, (slice_spacing(pos, dss[0], files[0].parent), dy, dx), meta, [str(f) for f in files])
-
 # %% ../nbs/10_data.ipynb #5e1d0b12
 CONTRAST_RE = re.compile(r'(?<!pre[ _-])(?<!non[ _-])(?<!non)(?<!no[ _-])(?<!w/o[ _-])(?<!without[ _-])contrast'
                          r'|\bc\+|\bcect\b|enhanced|angio|\bcta\b', re.I)
@@ -519,10 +498,10 @@ def is_contrast(description='',  # SeriesDescription (or a NIfTI `descrip`)
 # %% ../nbs/10_data.ipynb #5e1d0b15
 def dicom_facts(fn) -> dict:
     "Header facts of one DICOM file for validation and grouping (`CTReadError` naming the file if unreadable)."
-    ds = read_dicom_header(fn)
+    ds = dicom_header(fn)
     iop = [float(v) for v in (ds.get('ImageOrientationPatient') or [1, 0, 0, 0, 1, 0])]
-    n = np.cross(iop[:3], iop[3:]); ipp = ds.get('ImagePositionPatient')
-    pos = float(np.dot(n, [float(v) for v in ipp])) if ipp is not None else float(ds.get('InstanceNumber', 0) or 0)
+    n, pos = np.cross(iop[:3], iop[3:]), slice_position(ds)
+    if pos is None: pos = float(ds.get('InstanceNumber', 0) or 0)
     th = ds.get('SliceThickness')
     return dict(file=str(fn), series_uid=str(ds.get('SeriesInstanceUID', '')), study_uid=str(ds.get('StudyInstanceUID', '')),
                 patient=str(ds.get('PatientID', '')),
@@ -674,7 +653,7 @@ def cq500_scan_folders(root) -> dict:
 def _series_row(folder: Path) -> dict:
     "Description, slice thickness (NaN if the first header is unreadable) and file count of one series folder."
     files = sorted(folder.glob('*.dcm'))
-    try: th = read_dicom_header(files[0]).get('SliceThickness')
+    try: th = dicom_header(files[0]).get('SliceThickness')
     except CTReadError: th = None
     return dict(description=folder.name, thickness=float(th) if th not in (None, '') else np.nan, n_files=len(files), folder=str(folder))
 

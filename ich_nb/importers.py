@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # raised by fastai's import, noise on a CLI's stderr
-from .io import CTReadError, read_nifti, write_series
+from .io import CTReadError, CTSeries, dicom_header, read_dicom_files, read_nifti, write_series, find_series, NIFTI_SUFFIXES
 from .synth import make_case, save_npz
-from .data import (read_dicom_header, read_dicom_files, dicom_facts, is_contrast, read_rsna_labels, rank_series,
+from .data import (dicom_facts, is_contrast, read_rsna_labels, rank_series,
                          CQ500, PhysioNetICH, CQ500_FINDINGS, CQ500_READERS, check_cache_dir, write_cache)
 
 # %% auto #0
@@ -405,14 +405,21 @@ def read_folder_labels(csv, src) -> tuple:
     return df, 'slice' if 'slice' in df.columns else 'case'
 
 # %% ../nbs/11_import.ipynb #1a000060
-def _folder_files(src: Path, skip: set) -> tuple:
-    "DICOM candidates (`*.dcm` or no suffix) and NIfTI volumes below `src`, leaving out the files in `skip`."
-    dcm, nii = [], []
-    for p in sorted(src.rglob('*')):
-        if not p.is_file() or p.name.startswith('.') or p.relative_to(src).as_posix() in skip: continue
-        if p.name.endswith(('.nii', '.nii.gz')): nii.append(p)
-        elif p.suffix.lower() == '.dcm' or p.suffix == '': dcm.append(p)
-    return dcm, nii
+def _dicom_like(folder: Path) -> bool:
+    "Whether a folder holds a file that could be a DICOM (`.dcm`, `.dicom` or no suffix)."
+    return any(p.is_file() and p.suffix.lower() in ('.dcm', '.dicom', '') and not p.name.startswith('.') for p in folder.iterdir())
+
+def _folder_units(src: Path, skip: set) -> tuple:
+    "Series below `src` (`ich_nb.io.find_series`) without the masks and `skip`; the unreadable ones as skip rows."
+    units, skips = [], []
+    for r in find_series(src).itertuples():
+        if r.error:
+            if r.files or (Path(r.path).is_dir() and _dicom_like(Path(r.path))):  # a folder of only CSV or text files is no series
+                skips.append(dict(key=r.series, case_id='', reason='unreadable', detail=r.error))
+            continue
+        if r.series in skip or (r.path.endswith(NIFTI_SUFFIXES) and 'masks' in Path(r.series).parts): continue
+        units.append(r)
+    return units, skips
 
 # %% ../nbs/11_import.ipynb #1b000012
 def _wide_labels(df: pd.DataFrame, key: str, form: str):
@@ -431,23 +438,19 @@ def plan_folder(src, workers: int = 1, progress: bool = True, labels: str | None
     src = Path(src); csv = Path(labels) if labels else src / 'labels.csv'
     df, form = read_folder_labels(csv, src)
     masks = set(df['mask'].dropna()) if form != 'rsna' and 'mask' in df else set()
-    dcm, nii = _folder_files(src, masks | {csv.relative_to(src).as_posix() if csv.is_relative_to(src) else ''})
-    nii = [p for p in nii if 'masks' not in p.relative_to(src).parts]
-    facts, skips = scan_dicom(dcm, workers, progress) if dcm else (pd.DataFrame(columns=['series_uid', 'file']), [])
-    units = [(str(Path(g['file'].iloc[0]).parent.relative_to(src).as_posix()), g['file'].tolist(), uid, g['patient_group'].iloc[0])
-             for uid, g in facts.groupby('series_uid', sort=True)]
-    units += [(p.relative_to(src).as_posix(), [p], p.relative_to(src).as_posix(), None) for p in nii]
+    units, skips = _folder_units(src, masks | {csv.relative_to(src).as_posix() if csv.is_relative_to(src) else ''})
+    nii = [u.path.endswith(NIFTI_SUFFIXES) for u in units]
+    pids = pd.Series([f'nifti:{u.series}' if n else str(dicom_header(u.files[0]).get('PatientID', '')) for u, n in zip(units, nii)], dtype=str)
     cands, seen = [], set()
-    for key, files, ident, group in units:
-        cid = hashed_id('F', ident); seen.add(key)
+    for u, n, group in zip(units, nii, patient_groups(pids)):
+        key, cid = u.series, hashed_id('F', u.series if n else u.series_uid); seen.add(key)
         if form == 'rsna':
-            stems = [Path(f).stem for f in files]
-            cands.append(Candidate(cid, [(key, files)], df.reindex(stems), 'image', extra=dict(patient_group=group or cid))); continue
+            cands.append(Candidate(cid, [(key, u.files)], df.reindex([Path(f).stem for f in u.files]), 'image', extra=dict(patient_group=group))); continue
         lab, case_lab, mask = _wide_labels(df, key, form)
         if lab is None and case_lab is None:
             skips.append(dict(key=key, case_id=cid, reason='no_labels', detail=f'{csv.name} has no row for series {key!r}')); continue
-        cands.append(Candidate(cid, [(key, files)], lab, form, case_lab, None if mask is None else str(src / mask), mask_values,
-                               extra=dict(patient_group=group or cid)))
+        cands.append(Candidate(cid, [(key, u.files)], lab, form, case_lab, None if mask is None else str(src / mask), mask_values,
+                               extra=dict(patient_group=group)))
     if form != 'rsna':
         skips += [dict(key=k, case_id='', reason='no_file', detail=f'{csv.name} labels series {k!r} but SRC has no such series or volume')
                   for k in sorted(set(df['series']) - seen)]
