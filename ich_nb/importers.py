@@ -18,12 +18,12 @@ from .data import (dicom_facts, is_contrast, read_rsna_labels, rank_series,
 
 # %% auto #0
 __all__ = ['IMPORT_KINDS', 'SKIP_REASONS', 'AXIAL_MIN_COS', 'FAKE_PHI', 'RSNA_ORDER', 'CQ500_EXTRA', 'PHYSIONET_SUBTYPES',
-           'PLANNERS', 'SOURCE_NAMES', 'SkipSeries', 'series_problem', 'nifti_problem', 'fake_patient_id', 'fake_rsna',
-           'fake_cq500', 'fake_physionet', 'fake_folder', 'Candidate', 'hashed_id', 'progress_lines', 'run_pool',
-           'patient_groups', 'scan_dicom', 'plan_rsna', 'plan_cq500', 'plan_physionet', 'read_folder_labels',
-           'plan_folder', 'read_checked', 'attach_labels', 'attach_mask', 'case_record', 'import_case',
-           'NothingImported', 'strata_markers', 'assemble_cohort', 'import_cohort', 'import_parser', 'main',
-           'check_no_phi']
+           'RSNA_IMAGE_DIRS', 'PLANNERS', 'LABEL_ARGS', 'SOURCE_NAMES', 'SkipSeries', 'series_problem', 'nifti_problem',
+           'fake_patient_id', 'fake_rsna', 'fake_cq500', 'fake_physionet', 'fake_folder', 'Candidate', 'hashed_id',
+           'progress_lines', 'run_pool', 'patient_groups', 'scan_dicom', 'plan_rsna', 'plan_cq500', 'plan_physionet',
+           'read_folder_labels', 'plan_folder', 'read_checked', 'attach_labels', 'attach_mask', 'case_record',
+           'import_case', 'NothingImported', 'strata_markers', 'assemble_cohort', 'import_cohort', 'import_parser',
+           'main', 'check_no_phi']
 
 # %% ../nbs/11_import.ipynb #1a000007
 IMPORT_KINDS = ('rsna', 'cq500', 'physionet', 'folder')
@@ -335,10 +335,14 @@ def scan_dicom(files, workers: int = 1, progress: bool = True) -> tuple:
     return ok, skips
 
 # %% ../nbs/11_import.ipynb #1a000052
+RSNA_IMAGE_DIRS = ('stage_2_train', 'stage_2_train_images', 'stage_1_train_images', 'stage_1_train')  # as the downloads name them
+
 def plan_rsna(src, workers: int = 1, progress: bool = True,
-              csv: str = 'stage_2_train.csv', img_dir: str = 'stage_2_train') -> tuple:
+              csv: str = 'stage_2_train.csv', img_dir: str | None = None,  # default: the first of `RSNA_IMAGE_DIRS` in SRC
+             ) -> tuple:
     "`(candidates, early skips, {})` of an RSNA 2019 download: one candidate per series."
     src = Path(src); labels = read_rsna_labels(src / csv).set_index('image_id')
+    img_dir = img_dir or next((d for d in RSNA_IMAGE_DIRS if (src / d).is_dir()), RSNA_IMAGE_DIRS[0])
     files = sorted((src / img_dir).glob('*.dcm'))
     if not files: raise FileNotFoundError(f'{src / img_dir}: no .dcm files')
     facts, skips = scan_dicom(files, workers, progress)
@@ -559,6 +563,7 @@ class NothingImported(RuntimeError):
 
 # %% ../nbs/11_import.ipynb #1b000014
 PLANNERS = dict(rsna=plan_rsna, cq500=plan_cq500, physionet=plan_physionet, folder=plan_folder)
+LABEL_ARGS = dict(rsna='csv', cq500='reads_csv', physionet='csv', folder='labels')  # each planner's name for the labels CSV
 SOURCE_NAMES = dict(rsna='RSNA 2019', cq500='CQ500', physionet='PhysioNet CT-ICH', folder='this folder')
 
 # %% ../nbs/11_import.ipynb #1a000074
@@ -641,7 +646,7 @@ def import_cohort(kind: str,  # one of `IMPORT_KINDS`
                   store: str = 'link',  # 'link' to the source files, or 'dicom' (re-written, de-identified series)
                   size: int | None = None,  # also write the pre-processing cache at this input size
                   min_slices: int = 10, rel_tol: float = 0.1,  # series checks (see `series_problem`)
-                  labels: str | None = None,  # folder kind: labels CSV (default SRC/labels.csv)
+                  labels: str | None = None,  # labels CSV (default: the dataset's own name; SRC/labels.csv for a folder)
                   mask_values: str = 'binary',  # folder kind: 'binary' or 'subtype' masks
                   target_mm: float | None = 5.0,  # CQ500: preferred slice thickness
                   limit: int | None = None,  # import only the first `limit` candidates (by case id), to try a source
@@ -657,7 +662,9 @@ def import_cohort(kind: str,  # one of `IMPORT_KINDS`
     params = dict(kind=kind, source=src.name, store=store, min_slices=min_slices, rel_tol=rel_tol, mask_values=mask_values,
                   target_mm=target_mm, labels=None if labels is None else Path(labels).name)
     out.mkdir(parents=True, exist_ok=True); _check_params(out, params)
-    kw = dict(labels=labels, mask_values=mask_values) if kind == 'folder' else dict(target_mm=target_mm) if kind == 'cq500' else {}
+    kw = {LABEL_ARGS[kind]: labels} if labels else {}
+    if kind == 'folder': kw['mask_values'] = mask_values
+    if kind == 'cq500': kw['target_mm'] = target_mm
     cands, skips, info = PLANNERS[kind](src, workers, progress, **kw)
     cands = _no_mask_rule(sorted(cands, key=lambda c: c.case_id), skips)[:limit]
     if size: check_cache_dir(out, size)
@@ -683,7 +690,7 @@ def import_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=None, help='also write the pre-processing cache at this input size (pixels)')
     p.add_argument('--store', choices=('link', 'dicom'), default='link', help='link to the source files (default) or re-write de-identified DICOM')
     p.add_argument('--min-slices', type=int, default=10, help='fewest slices of a series (default 10)')
-    p.add_argument('--labels', default=None, help='folder kind: labels CSV (default SRC/labels.csv)')
+    p.add_argument('--labels', default=None, help="labels CSV (default: the dataset's own, e.g. stage_2_train.csv; SRC/labels.csv for a folder)")
     p.add_argument('--mask-values', choices=('binary', 'subtype'), default='binary', help='folder kind: mask values (default binary: lesion > 0)')
     p.add_argument('--target-mm', type=float, default=5.0, help='CQ500: preferred slice thickness in mm (default 5)')
     p.add_argument('--limit', type=int, default=None, help='import only the first N cases (to try a source)')
@@ -693,7 +700,10 @@ def import_parser() -> argparse.ArgumentParser:
 # %% ../nbs/11_import.ipynb #1a000082
 def main(argv=None):
     "Console entry point `ich_nb_import`."
-    a = import_parser().parse_args(argv)
+    p = import_parser(); a = p.parse_args(argv)
+    for name, v, lo in [('--workers', a.workers, 1), ('--size', a.size, 8), ('--min-slices', a.min_slices, 1), ('--limit', a.limit, 1)]:
+        if v is not None and v < lo: p.error(f'{name} must be at least {lo}, got {v}')
+    if a.target_mm <= 0: p.error(f'--target-mm must be positive, got {a.target_mm}')
     try:
         meta = import_cohort(a.kind, a.src, a.out, a.workers, a.store, a.size, a.min_slices, labels=a.labels,
                              mask_values=a.mask_values, target_mm=a.target_mm, limit=a.limit, progress=not a.quiet)
