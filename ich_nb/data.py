@@ -22,10 +22,10 @@ __all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_
            'CQ500_READERS', 'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
            'check_cache_dir', 'cache_file', 'write_cache', 'precompute', 'case_arrays', 'split_cases',
            'balanced_slices', 'specialised_cases', 'case_slices', 'cohort_strata', 'SliceDataset', 'random_affines',
-           'affine_grid', 'affine_warp', 'SliceBatch', 'slice_dls', 'show_slice_batch', 'CTSource', 'is_contrast',
-           'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads', 'cq500_majority',
-           'cq500_reader_matrix', 'rank_series', 'choose_series', 'cq500_scan_folders', 'CQ500', 'reader_matrix',
-           'read_physionet_labels', 'PhysioNetICH']
+           'affine_grid', 'affine_warp', 'SliceBatch', 'collate_slices', 'slice_dls', 'show_slice_batch', 'CTSource',
+           'is_contrast', 'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads',
+           'cq500_majority', 'cq500_reader_matrix', 'rank_series', 'choose_series', 'cq500_scan_folders', 'CQ500',
+           'reader_matrix', 'read_physionet_labels', 'PhysioNetICH']
 
 # %% ../nbs/10_data.ipynb #ff439819
 COHORT_FILES = ('cohort.json', 'cases.csv', 'slices.csv')
@@ -437,6 +437,11 @@ class SliceBatch:
             x, m = affine_warp(x, theta, m)
         return (x, y.float()) if m is None else (x, y.float(), m.long())
 
+# %% ../nbs/10_data.ipynb #5e1d0a61
+def collate_slices(items: list) -> tuple:
+    "Batch `[(x, y[, mask]), ...]` of numpy items into a tuple of tensors (`np.stack`, then `torch.from_numpy`: one copy)."
+    return tuple(torch.from_numpy(np.stack(field)) for field in zip(*items))
+
 # %% ../nbs/10_data.ipynb #4401e7ec
 def slice_dls(cohort: Cohort, slices_df: pd.DataFrame, valid_ids, size: int = 256, bs: int = 16,
               strong: bool = False, augment: bool = True, seed: int = 0, device=None,
@@ -452,10 +457,10 @@ def slice_dls(cohort: Cohort, slices_df: pd.DataFrame, valid_ids, size: int = 25
     if not len(trn): raise ValueError('slice_dls: no training slices left after removing the validation cases')
     device = default_device() if device is None else torch.device(device)
     tds, vds = SliceDataset(cohort, trn, size, strong), SliceDataset(cohort, val, size, strong)
-    tdl = DataLoader(tds, bs=bs, shuffle=True, drop_last=len(tds) % bs == 1, num_workers=num_workers, device=device,
+    tdl = DataLoader(tds, bs=bs, shuffle=True, drop_last=len(tds) % bs == 1, num_workers=num_workers, device=device, create_batch=collate_slices,
                      after_batch=SliceBatch(augment, seed=seed, **aug_kwargs))
     tdl.rng = random.Random(seed)
-    vdl = DataLoader(vds, bs=bs, shuffle=False, num_workers=num_workers, device=device, after_batch=SliceBatch(False))
+    vdl = DataLoader(vds, bs=bs, shuffle=False, num_workers=num_workers, device=device, create_batch=collate_slices, after_batch=SliceBatch(False))
     for dl in (tdl, vdl): dl.n_inp = 1
     dls = DataLoaders(tdl, vdl, path=cohort.path, device=device)
     dls.n_inp = 1

@@ -5,10 +5,14 @@
 # %% ../nbs/11_import.ipynb #1a000003
 from __future__ import annotations
 import os, sys, json, re, time, shutil, hashlib, argparse, warnings
+import multiprocessing as mp
 from dataclasses import dataclass, field
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 import numpy as np, pandas as pd
+import nibabel as nib
+from tqdm.auto import tqdm
+import ich_nb
 from .core import *
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # raised by fastai's import, noise on a CLI's stderr
 from .io import CTReadError, CTSeries, dicom_header, read_dicom_files, read_nifti, write_series, find_series, NIFTI_SUFFIXES
@@ -73,7 +77,6 @@ def series_problem(facts: pd.DataFrame,  # `dicom_facts` of every file of the se
 # %% ../nbs/11_import.ipynb #1a000020
 def nifti_problem(fn, min_slices: int = 10) -> SkipSeries | None:
     "The first reason to leave a NIfTI volume out (unreadable, contrast, not axial, too few slices), or None."
-    import nibabel as nib
     try: img = nib.load(str(fn)); shape = img.shape
     except Exception as e: return SkipSeries('unreadable', f'{fn}: cannot be read as NIfTI ({type(e).__name__}: {e})')
     if len(shape) != 3: return SkipSeries('unreadable', f'{fn}: expected a 3D volume, got shape {shape}')
@@ -195,7 +198,6 @@ PHYSIONET_SUBTYPES = dict(epidural='Epidural', intraparenchymal='Intraparenchyma
 # %% ../nbs/11_import.ipynb #1b000008
 def _to_nifti(a: np.ndarray, spacing, reverse: bool = False, descrip: str = ''):
     "A `(S, H, W)` array (inferior to superior, rows anterior to posterior) as a NIfTI image stored (x, y, z) in RAS."
-    import nibabel as nib
     data = np.ascontiguousarray(a[:, ::-1, :].transpose(2, 1, 0))
     aff = np.diag([spacing[2], spacing[1], spacing[0], 1.])
     if reverse: data, aff[2, 2], aff[2, 3] = data[:, :, ::-1], -spacing[0], spacing[0] * (len(a) - 1)
@@ -216,7 +218,6 @@ def _physionet_rows(pn: int, labels: pd.DataFrame, reverse: bool) -> list:
 # %% ../nbs/11_import.ipynb #1a000033
 def fake_physionet(dest, n_cases: int = 4, size: int = 32, seed: int = 0, broken: bool = True) -> dict:
     "Write a fake PhysioNet CT-ICH download; return `dict(root, cases=[patient numbers], broken={reason: file or number})`."
-    import nibabel as nib
     dest = Path(dest); (dest / 'ct_scans').mkdir(parents=True, exist_ok=True); (dest / 'masks').mkdir(exist_ok=True)
     cs, rows, bad, nums = _phantoms(n_cases + (3 if broken else 0), size, seed), [], {}, []
     def put(c, pn, reverse=False, descrip='', keep=None):
@@ -243,7 +244,6 @@ def _folder_rows(key: str, labels: pd.DataFrame, mask: str | None = None) -> lis
 # %% ../nbs/11_import.ipynb #1b000010
 def fake_folder(dest, n_cases: int = 4, size: int = 32, seed: int = 0, masks: bool = False, broken: bool = True) -> dict:
     "Write a folder of scans with `labels.csv` (see above); return `dict(root, series=[keys], broken={reason: key})`."
-    import nibabel as nib
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     cs, rows, keys, bad = _phantoms(n_cases + (3 if broken and not masks else 0), size, seed), [], [], {}
     for i in range(n_cases):
@@ -289,7 +289,6 @@ def progress_lines(it, total: int, desc: str, show: bool = True, every_s: float 
     "Yield from `it`: a tqdm bar on a terminal, else a plain line every 10 % of `total` or `every_s` seconds."
     if not show or total <= 1: yield from it; return
     if sys.stderr.isatty():
-        from tqdm.auto import tqdm
         yield from tqdm(it, total=total, desc=desc, leave=False); return
     t0 = last = time.time(); step = max(1, total // 10)
     for i, x in enumerate(it, 1):
@@ -302,7 +301,6 @@ def run_pool(fn, items: list, workers: int = 1, desc: str = '', progress: bool =
     "Yield `fn(item)` for each item, in `workers` processes (results in completion order) or in this process."
     items, total = list(items), total or len(items)
     if workers <= 1 or len(items) <= 1: yield from progress_lines((fn(x) for x in items), total, desc, progress); return
-    import multiprocessing as mp
     with ProcessPoolExecutor(workers, mp_context=mp.get_context('fork')) as ex:
         futs = [ex.submit(fn, x) for x in items]
         yield from progress_lines((f.result() for f in as_completed(futs)), total, desc, progress)
@@ -610,7 +608,6 @@ def _slice_rows(d: dict) -> pd.DataFrame:
 # %% ../nbs/11_import.ipynb #1a000078
 def _ich_version() -> str:
     "The installed ich_nb version."
-    import ich_nb
     return ich_nb.__version__
 
 # %% ../nbs/11_import.ipynb #1b000017
