@@ -522,7 +522,7 @@ def dicom_facts(fn) -> dict:
                 rows=int(ds.get('Rows', 0)), cols=int(ds.get('Columns', 0)),
                 pixel_spacing='x'.join(f'{float(v):.4f}' for v in (ds.get('PixelSpacing') or [0, 0])),
                 description=str(ds.get('SeriesDescription', '')), thickness=float(th) if th not in (None, '') else np.nan,
-                contrast=is_contrast(ds.get('SeriesDescription', ''), ds.get('ContrastBolusAgent', '')))
+                agent=str(ds.get('ContrastBolusAgent', '') or ''), contrast=is_contrast(ds.get('SeriesDescription', ''), ds.get('ContrastBolusAgent', '')))
 
 # %% ../nbs/10_data.ipynb #1b117893
 def read_rsna_labels(csv) -> pd.DataFrame:

@@ -62,7 +62,9 @@ def series_problem(facts: pd.DataFrame,  # `dicom_facts` of every file of the se
                    min_slices: int = 10, rel_tol: float = 0.1) -> SkipSeries | None:
     "The first reason to leave a DICOM series out, or None when it passes every check."
     f = facts
-    if f['contrast'].any(): return SkipSeries('contrast', f"description {f['description'].iloc[0]!r} or ContrastBolusAgent")
+    if f['contrast'].any():
+        r = f[f['contrast']].iloc[0]; agent = r.get('agent', '')
+        return SkipSeries('contrast', f'ContrastBolusAgent {agent!r}' if is_contrast('', agent) else f"description {r['description']!r}")
     if f['normal_z'].min() < AXIAL_MIN_COS:
         return SkipSeries('not_axial', f"slice normal {np.degrees(np.arccos(f['normal_z'].min())):.0f} degrees from the body axis")
     if len(f) < min_slices: return SkipSeries('too_few_slices', f'{len(f)} slices (< {min_slices})')
