@@ -373,7 +373,7 @@ def plan_cq500(src, workers: int = 1, progress: bool = True, reads_csv: str = 'r
         skips += [dict(key=rel(i), case_id=r.case_id, reason='contrast' if is_contrast(ser.loc[i, 'description']) else 'excluded',
                        detail=f"series description {ser.loc[i, 'description']!r}") for i in ser.index.difference(order)]
         if not order: continue
-        extra = dict(patient_group=r.case_id, n_ich_votes=int(r.n_ich_votes), unanimous=int(r.unanimous), category=str(r.category))
+        extra = dict(patient_group=r.case_id, n_ich_votes=int(r.n_ich_votes), unanimous=int(r.unanimous), category='' if pd.isna(r.category) else str(r.category))
         cands.append(Candidate(r.case_id, [(rel(i), sorted(Path(ser.loc[i, 'folder']).glob('*.dcm'))) for i in order],
                                label_by='case', case_labels={c: int(getattr(r, c)) for c in LABEL_COLS}, extra=extra))
     readers = cq.reads[['case_id'] + [f'{k}:{f}' for k in CQ500_READERS for f in CQ500_FINDINGS]]
@@ -396,7 +396,7 @@ def plan_physionet(src, workers: int = 1, progress: bool = True, csv: str = 'hem
     return cands, skips, {}
 
 # %% ../nbs/11_import.ipynb #1a000059
-def read_folder_labels(csv, src) -> tuple:
+def read_folder_labels(csv) -> tuple:
     "Labels CSV of the `folder` kind -> `(table, form)`: form 'rsna' (by image id), 'slice' or 'case' (wide, by `series`)."
     csv = Path(csv)
     if not csv.is_file(): raise FileNotFoundError(f'{csv}: labels CSV not found (the folder kind needs one; see --labels)')
@@ -440,7 +440,7 @@ def plan_folder(src, workers: int = 1, progress: bool = True, labels: str | None
                ) -> tuple:
     "`(candidates, early skips, {})` of a folder of DICOM series and NIfTI volumes with a labels CSV."
     src = Path(src); csv = Path(labels) if labels else src / 'labels.csv'
-    df, form = read_folder_labels(csv, src)
+    df, form = read_folder_labels(csv)
     masks = set(df['mask'].dropna()) if form != 'rsna' and 'mask' in df else set()
     units, skips = _folder_units(src, masks | {csv.relative_to(src).as_posix() if csv.is_relative_to(src) else ''})
     nii = [u.path.endswith(NIFTI_SUFFIXES) for u in units]
@@ -464,7 +464,7 @@ def plan_folder(src, workers: int = 1, progress: bool = True, labels: str | None
 def read_checked(files: list, min_slices: int = 10, rel_tol: float = 0.1):
     "Read one series (DICOM files or one NIfTI volume) after checking it; `SkipSeries` names the first problem."
     files = [Path(f) for f in files]
-    if len(files) == 1 and files[0].name.endswith(('.nii', '.nii.gz')):
+    if len(files) == 1 and files[0].name.endswith(NIFTI_SUFFIXES):
         if (p := nifti_problem(files[0], min_slices)) is not None: raise p
         try: return read_nifti(files[0])
         except CTReadError as e: raise SkipSeries('unreadable', str(e)) from None
@@ -495,7 +495,7 @@ def attach_labels(cand: Candidate, ct) -> pd.DataFrame:
 def attach_mask(cand: Candidate, ct) -> tuple:
     "`(mask uint8 (S, H, W) or None, 'subtype' | 'binary' | None)` of a candidate, checked against the volume."
     if cand.mask is None: return None, None
-    if not ct.files or not str(ct.files[0]).endswith(('.nii', '.nii.gz')):
+    if not ct.files or not str(ct.files[0]).endswith(NIFTI_SUFFIXES):
         raise SkipSeries('mask_mismatch', f'{Path(cand.mask).name}: masks are read for NIfTI volumes only; convert the DICOM series to NIfTI')
     try: m = read_nifti(cand.mask).hu
     except CTReadError as e: raise SkipSeries('unreadable', str(e)) from None
@@ -513,7 +513,7 @@ def _store_series(out: Path, case_id: str, ct, store: str, kind: str):
     if store == 'dicom': write_series(ct.hu, ct.spacing, tmp, case_id=case_id, uid_seed=f'ich_nb-import-{case_id}', description=f'ich_nb import ({kind})')
     else:
         for k, f in enumerate(map(Path, ct.files)):
-            name = ('volume.nii.gz' if f.name.endswith('.gz') else 'volume.nii') if f.name.endswith(('.nii', '.nii.gz')) else f'{k:04d}.dcm'
+            name = ('volume.nii.gz' if f.name.endswith('.gz') else 'volume.nii') if f.name.endswith(NIFTI_SUFFIXES) else f'{k:04d}.dcm'
             os.symlink(f.resolve(), tmp / name)
     shutil.rmtree(dst, ignore_errors=True); os.replace(tmp, dst)
 
