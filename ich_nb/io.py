@@ -15,9 +15,10 @@ from pydicom.uid import ExplicitVRLittleEndian, CTImageStorage, generate_uid
 from pydicom.errors import InvalidDicomError
 
 # %% auto #0
-__all__ = ['SAFE_TAGS', 'SERIES_COLS', 'NIFTI_SUFFIXES', 'CTReadError', 'CTSeries', 'dicom_header', 'safe_meta', 'check_ct_image',
-           'rescale_hu', 'dicom_to_hu', 'slice_position', 'sort_slices', 'slice_spacing', 'read_dicom_files',
-           'find_series', 'read_nifti', 'read_found', 'read_series', 'write_series']
+__all__ = ['SAFE_TAGS', 'PLANE_OF_AXIS', 'SERIES_COLS', 'NIFTI_SUFFIXES', 'CTReadError', 'CTSeries', 'dicom_header', 'safe_meta',
+           'check_ct_image', 'rescale_hu', 'stored_frames', 'dicom_to_hu', 'frame_headers', 'slice_position',
+           'sort_slices', 'slice_spacing', 'reorient', 'compression_facts', 'read_dicom_files', 'find_series',
+           'read_nifti', 'read_found', 'read_series', 'write_series']
 
 # %% ../nbs/01_io.ipynb #da992528
 class CTReadError(ValueError):
@@ -35,7 +36,7 @@ SAFE_TAGS = ('Modality', 'Manufacturer', 'ManufacturerModelName', 'KVP', 'Convol
 @dataclass
 class CTSeries:
     "A CT volume in Hounsfield units with its voxel spacing and PHI-free metadata."
-    hu: np.ndarray  # float32 `(S, H, W)` Hounsfield units, inferior to superior
+    hu: np.ndarray  # float32 `(S, H, W)` HU: slices inferior->superior, rows anterior->posterior, columns patient right->left
     spacing: tuple  # `(dz, dy, dx)` in mm
     meta: dict = field(default_factory=dict)  # PHI-free acquisition metadata
     files: list = field(default_factory=list)  # source files, in slice order
@@ -114,14 +115,43 @@ def rescale_hu(px: np.ndarray,  # stored pixel values of one slice or frame
         px = px + 1000; px[px >= 4096] -= 4096; icpt = -1000.
     return px * np.float32(slope) + np.float32(icpt)
 
-# %% ../nbs/01_io.ipynb #c0a1b005
-def dicom_to_hu(ds: Dataset, fn='<dataset>') -> np.ndarray:
-    "Pixel data of one single-frame CT slice as float32 HU `(H, W)` (see `rescale_hu`)."
+# %% ../nbs/01_io.ipynb #f7a00006
+def stored_frames(ds: Dataset, fn='<dataset>') -> np.ndarray:
+    "The stored pixel values of every frame, `(n_frames, H, W)`; a decoder failure names the file and passes the decoder's message on."
     check_ct_image(ds, fn)
     try: px = ds.pixel_array
     except Exception as e: raise CTReadError(f'{fn}: pixel data cannot be decoded ({type(e).__name__}: {e})') from None
-    if px.ndim != 2: raise CTReadError(f'{fn}: expected a single 2D slice, got pixel array of shape {px.shape}')
-    return rescale_hu(px, ds)
+    n = int(ds.get('NumberOfFrames', 1) or 1)
+    if px.ndim == 2 and n == 1: px = px[None]
+    if px.ndim != 3 or len(px) != n: raise CTReadError(f'{fn}: expected {n} frame(s) of 2D pixels, got an array of shape {px.shape}')
+    return px
+
+# %% ../nbs/01_io.ipynb #c0a1b005
+def dicom_to_hu(ds: Dataset, fn='<dataset>') -> np.ndarray:
+    "Pixel data of one single-frame CT slice as float32 HU `(H, W)` (see `rescale_hu`)."
+    px = stored_frames(ds, fn)
+    if len(px) > 1: raise CTReadError(f'{fn}: a multi-frame image ({len(px)} frames); `read_dicom_files` and `read_series` read it frame by frame')
+    return rescale_hu(px[0], ds)
+
+# %% ../nbs/01_io.ipynb #f7a00002
+_FG_SEQS = ('SharedFunctionalGroupsSequence', 'PerFrameFunctionalGroupsSequence')
+
+def frame_headers(ds: Dataset) -> list:
+    "One flat header per frame of a multi-frame image: top-level tags, overlaid by the shared, then the frame's own functional groups."
+    n = int(ds.get('NumberOfFrames', 1) or 1)
+    shared, per = (ds.get('SharedFunctionalGroupsSequence') or [Dataset()])[0], ds.get('PerFrameFunctionalGroupsSequence') or []
+    top = Dataset()
+    for e in ds:
+        if e.keyword not in _FG_SEQS and e.keyword != 'PixelData': top.add(e)
+    out = []
+    for k in range(n):
+        h = Dataset(); h.update(top)
+        for group in (shared, per[k] if k < len(per) else Dataset()):
+            for seq in group:
+                if seq.VR == 'SQ' and len(seq.value) == 1: h.update(seq.value[0])
+        h.add_new(0x00200013, 'IS', k + 1)  # InstanceNumber: the frame number (a new element, the file's is untouched)
+        out.append(h)
+    return out
 
 # %% ../nbs/01_io.ipynb #e07d0f4e
 def slice_position(ds: Dataset) -> float | None:
@@ -132,18 +162,23 @@ def slice_position(ds: Dataset) -> float | None:
     return float(np.dot(np.cross(iop[:3], iop[3:]), [float(v) for v in ipp]))
 
 # %% ../nbs/01_io.ipynb #e07d0f06
-def sort_slices(dss: list, files: list) -> tuple:
-    "Sort datasets along the slice normal (InstanceNumber fallback); return sorted `(dss, files, positions)`."
+def _slice_order(dss: list, files: list) -> tuple:
+    "`(order, sorted positions)` along the slice normal; InstanceNumber order (positions None) when a slice has no position."
     pos = [slice_position(d) for d in dss]
     if all(p is not None for p in pos):
         order = np.argsort(pos, kind='stable'); pos = np.asarray(pos)[order]
         dup = np.flatnonzero(np.diff(pos) == 0)
         if len(dup): raise CTReadError(f'{files[order[dup[0]]]} and {files[order[dup[0] + 1]]}: duplicate slice position {pos[dup[0]]:.2f} mm')
-    else:
-        inst = [d.get('InstanceNumber', None) for d in dss]
-        miss = [f for f, p, i in zip(files, pos, inst) if p is None and i is None]
-        if miss: raise CTReadError(f'{miss[0]}: slice has neither ImagePositionPatient nor InstanceNumber, so it cannot be placed in its series')
-        order = np.argsort([int(i) for i in inst], kind='stable'); pos = None
+        return order, pos
+    inst = [d.get('InstanceNumber', None) for d in dss]
+    miss = [f for f, p, i in zip(files, pos, inst) if p is None and i is None]
+    if miss: raise CTReadError(f'{miss[0]}: slice has neither ImagePositionPatient nor InstanceNumber, so it cannot be placed in its series')
+    return np.argsort([int(i) for i in inst], kind='stable'), None
+
+# %% ../nbs/01_io.ipynb #e07d0f09
+def sort_slices(dss: list, files: list) -> tuple:
+    "Sort datasets along the slice normal (InstanceNumber fallback); return sorted `(dss, files, positions)`."
+    order, pos = _slice_order(dss, files)
     return [dss[i] for i in order], [files[i] for i in order], pos
 
 # %% ../nbs/01_io.ipynb #e07d0f07
@@ -154,6 +189,69 @@ def slice_spacing(pos, ds0: Dataset, fn='<series>', tol: float = 0.1) -> float:
     if np.abs(gaps - dz).max() > tol:
         warnings.warn(f'{fn}: non-uniform slice spacing (gaps {gaps.min():.2f}-{gaps.max():.2f} mm); using the median {dz:.2f} mm')
     return dz
+
+# %% ../nbs/01_io.ipynb #b2a00002
+PLANE_OF_AXIS = {2: 'axial', 1: 'coronal', 0: 'sagittal'}  # LPS axis along the slice normal -> plane of the slices
+
+# %% ../nbs/01_io.ipynb #b2a00003
+def reorient(vol: np.ndarray,  # 3D array in its stored axis order
+             dirs,  # 3x3, row `a`: the LPS unit vector along which array axis `a` increases
+             spacing,  # voxel size in mm along each array axis
+             slice_axis: int = 0,  # the array axis along which the slices were acquired
+            ) -> tuple:
+    "`(vol, spacing, info)` in the canonical orientation (inferior->superior, anterior->posterior, patient right->left); `info`: `plane`, `oblique_deg`."
+    import nibabel.orientations as nio
+    dirs = np.asarray(dirs, dtype=float)
+    aff = np.eye(4); aff[:3, :3] = dirs.T
+    ornt = nio.io_orientation(aff)  # per array axis: (closest LPS axis, +1 or -1)
+    if np.isnan(ornt).any(): raise CTReadError(f'orientation {dirs.round(3).tolist()} has no clear axes')
+    src = [int(np.flatnonzero(ornt[:, 0] == w)[0]) for w in (2, 1, 0)]  # stored axis that becomes S (z), H (y), W (x)
+    out = np.transpose(vol, src)
+    flips = tuple(t for t, a in enumerate(src) if ornt[a, 1] < 0)
+    if flips: out = np.flip(out, flips)
+    cos = np.abs(dirs[np.arange(3), ornt[:, 0].astype(int)])
+    info = dict(plane=PLANE_OF_AXIS[int(ornt[slice_axis, 0])], oblique_deg=round(float(np.degrees(np.arccos(min(cos.min(), 1.)))), 2))
+    return np.ascontiguousarray(out), tuple(float(spacing[a]) for a in src), info
+
+# %% ../nbs/01_io.ipynb #a7c30010
+_LOSSY_TS = {'1.2.840.10008.1.2.4.50', '1.2.840.10008.1.2.4.51', '1.2.840.10008.1.2.4.81'}  # JPEG baseline/extended, JPEG-LS near-lossless
+_MAYBE_LOSSY_TS = {'1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.203'}  # JPEG 2000 and HTJ2K: lossy or lossless
+
+def compression_facts(ds: Dataset) -> dict:
+    "`lossy` ('yes', 'no', 'possibly'), `compression_ratio` (recorded, else measured) and `transfer_syntax` of one file."
+    ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
+    flag = str(ds.get('LossyImageCompression', '')).strip()
+    lossy = 'yes' if flag == '01' or ts in _LOSSY_TS else 'possibly' if ts in _MAYBE_LOSSY_TS and flag != '00' else 'no'
+    ratio = ds.get('LossyImageCompressionRatio', None)
+    ratio = float(ratio[0] if isinstance(ratio, pydicom.multival.MultiValue) else ratio) if ratio not in (None, '') else None
+    if ratio is None and ts is not None and ts.is_compressed and 'PixelData' in ds:
+        raw = int(ds.Rows) * int(ds.Columns) * int(ds.get('NumberOfFrames', 1) or 1) * int(ds.get('SamplesPerPixel', 1)) * int(ds.BitsAllocated) // 8
+        ratio = round(raw / max(len(ds.PixelData), 1), 2)
+    return dict(lossy=lossy, compression_ratio=ratio, transfer_syntax=ts.name if ts is not None else 'unknown')
+
+# %% ../nbs/01_io.ipynb #a7c30013
+def _contrast(ds: Dataset) -> bool:
+    "A contrast agent is named, or recorded as administered (enhanced CT's usage sequence)."
+    if str(ds.get('ContrastBolusAgent', '')).strip() or ds.get('ContrastBolusAgentSequence'): return True
+    return str(ds.get('ContrastBolusAgentAdministered', '')).upper() == 'YES'
+
+# %% ../nbs/01_io.ipynb #a7c30015
+def _span(values) -> list | None:
+    "`[min, max]` of a sequence of numbers when they differ by more than 0.1, else None."
+    v = [float(x) for x in values if x not in (None, '')]
+    return [round(min(v), 3), round(max(v), 3)] if v and max(v) - min(v) > 0.1 else None
+
+# %% ../nbs/01_io.ipynb #a7c30017
+def _geometry(hdrs: list, pos, dz: float) -> tuple:
+    "`(dirs, spacing, assumed)` of sorted slice headers: LPS directions of (slices, rows, columns), `(dz, dy, dx)` mm, tags replaced by defaults."
+    h0, assumed = hdrs[0], []
+    iop, ps = h0.get('ImageOrientationPatient'), h0.get('PixelSpacing')
+    if iop is None or len(iop) != 6: iop = [1, 0, 0, 0, 1, 0]; assumed.append('ImageOrientationPatient')
+    if pos is None and len(hdrs) > 1: assumed.append('ImagePositionPatient')
+    if ps is None or len(ps) != 2: ps = [1, 1]; assumed.append('PixelSpacing')
+    if (pos is None or len(pos) < 2) and not h0.get('SliceThickness') and not h0.get('SpacingBetweenSlices'): assumed.append('slice spacing')
+    r, c = np.asarray(iop[:3], float), np.asarray(iop[3:], float); n = np.cross(r, c)
+    return np.stack([n / np.linalg.norm(n), c, r]), (dz, float(ps[0]), float(ps[1])), assumed
 
 # %% ../nbs/01_io.ipynb #0593f92a
 def _check_series(dss: list, files: list):
@@ -168,17 +266,35 @@ def _check_series(dss: list, files: list):
     for f, s in zip(files, shapes):
         if s != common: raise CTReadError(f'{f}: slice of {s[0]}x{s[1]} pixels, while the other slices of its series are {common[0]}x{common[1]}')
 
+# %% ../nbs/01_io.ipynb #a7c30018
+def _expand(files: list) -> list:
+    "Read every file whole; one record per slice (`hdr`, `src`, stored `px` of a frame or None, `file`, `facts`), multi-frame files one per frame."
+    out = []
+    for f in files:
+        ds = dicom_header(f, stop_before_pixels=False); facts = compression_facts(ds)
+        if int(ds.get('NumberOfFrames', 1) or 1) > 1 or 'PerFrameFunctionalGroupsSequence' in ds:
+            px = stored_frames(ds, f)
+            out += [dict(hdr=h, src=f'{f} [frame {k + 1}]', px=px[k], file=f, facts=facts) for k, h in enumerate(frame_headers(ds))]
+        else: out.append(dict(hdr=ds, src=f, px=None, file=f, facts=facts))
+    return out
+
 # %% ../nbs/01_io.ipynb #a7c30001
 def read_dicom_files(files) -> CTSeries:
-    "Read the slices of one DICOM series, given as a list of files in any folder layout, into a `CTSeries`."
+    "Read the slices of one DICOM series (a list of files in any folder layout, classic or multi-frame) into a canonical `CTSeries`."
     files = [Path(f) for f in files]
     if not files: raise CTReadError('read_dicom_files: no files given')
-    dss = [dicom_header(f, stop_before_pixels=False) for f in files]
-    _check_series(dss, files)
-    dss, files, pos = sort_slices(dss, files)
-    hu = np.stack([dicom_to_hu(d, f) for d, f in zip(dss, files)])
-    dy, dx = (float(v) for v in dss[0].get('PixelSpacing', [1, 1]))
-    return CTSeries(hu, (slice_spacing(pos, dss[0], files[0].parent), dy, dx), safe_meta(dss[0]), [str(f) for f in files])
+    sl = _expand(files)
+    _check_series([s['hdr'] for s in sl], [s['src'] for s in sl])
+    order, pos = _slice_order([s['hdr'] for s in sl], [s['src'] for s in sl])
+    sl = [sl[i] for i in order]; hdrs = [s['hdr'] for s in sl]
+    hu = np.stack([dicom_to_hu(s['hdr'], s['src']) if s['px'] is None else rescale_hu(s['px'], s['hdr']) for s in sl])
+    dirs, spacing, assumed = _geometry(hdrs, pos, slice_spacing(pos, hdrs[0], files[0].parent))
+    try: hu, spacing, info = reorient(hu, dirs, spacing, slice_axis=0)
+    except CTReadError as e: raise CTReadError(f'{files[0]}: {e}') from None
+    meta = dict(safe_meta(hdrs[0]), format='DICOM multi-frame' if len(sl) > len(files) else 'DICOM', **info, assumed=assumed,
+                slice_gaps_mm=_span(np.diff(pos)) if pos is not None and len(pos) > 2 else None,
+                slice_thickness_mm=_span(h.get('SliceThickness') for h in hdrs), **sl[0]['facts'], contrast=_contrast(hdrs[0]))
+    return CTSeries(hu, spacing, meta, list(dict.fromkeys(str(s['file']) for s in sl)))
 
 # %% ../nbs/01_io.ipynb #5e1f0002
 SERIES_COLS = ['series', 'path', 'series_uid', 'n_files', 'description', 'thickness', 'files', 'error']
@@ -247,9 +363,9 @@ def _scan(files: list) -> tuple:
     return nifti, groups, bad
 
 # %% ../nbs/01_io.ipynb #5e1f0008
-def _bad_rows(bad: dict, groups: dict, root: Path) -> list:
-    "Error rows: folders with no readable image, and files that look like DICOM but cannot be read."
-    used = {f.parent for items in groups.values() for f, _ in items}
+def _bad_rows(bad: dict, groups: dict, nifti: list, root: Path) -> list:
+    "Error rows: folders with nothing readable in or below them, and files that look like DICOM but cannot be read."
+    used = {d for items in groups.values() for f, _ in items for d in f.parents} | {d for f in nifti for d in f.parents}
     rows = []
     for d, fs in sorted(bad.items()):
         name = d.relative_to(root).as_posix() if d != root else root.name
@@ -275,22 +391,36 @@ def find_series(root) -> pd.DataFrame:
         path = root if root.is_file() else Path(os.path.commonpath([str(f.parent) for f in files]))
         rows.append(_series_row(names[k], path, files, items[0][1]))
     if root.is_file() and bad: rows.append(_series_row(root.name, root, [root], error=bad[root.parent][0][1]))
-    elif bad: rows += _bad_rows(bad, groups, top)
+    elif bad: rows += _bad_rows(bad, groups, nifti, top)
     if root.is_dir() and not rows: rows.append(_series_row(root.name, root, [], error=f'{root}: no files found'))
     return pd.DataFrame(rows, columns=SERIES_COLS).sort_values('series', kind='stable', ignore_index=True)
 
+# %% ../nbs/01_io.ipynb #046d7341
+def _nifti_affine(img) -> tuple:
+    "`(affine, source)`: the sform when coded, else the qform, else nibabel's default (source 'none')."
+    hdr = img.header
+    (sform, scode), (qform, qcode) = hdr.get_sform(coded=True), hdr.get_qform(coded=True)
+    if scode: return sform, 'sform'
+    if qcode: return qform, 'qform'
+    return img.affine, 'none'
+
 # %% ../nbs/01_io.ipynb #046d7340
 def read_nifti(fn) -> CTSeries:
-    "Read a NIfTI CT volume (reoriented to RAS) as a `CTSeries` of axial slices, inferior to superior."
+    "Read a NIfTI CT volume into a canonical `CTSeries` (orientation from the sform, else the qform)."
     import nibabel as nib
     fn = Path(fn)
-    try: img = nib.as_closest_canonical(nib.load(str(fn)))
+    try: img = nib.load(str(fn)); data = np.asarray(img.dataobj, dtype=np.float32)  # scl_slope/scl_inter applied
     except Exception as e: raise CTReadError(f'{fn}: cannot be read as NIfTI ({type(e).__name__}: {e})') from None
-    data = np.asarray(img.dataobj, dtype=np.float32)  # (x, y, z) in RAS, scl_slope/inter applied
+    while data.ndim > 3 and data.shape[-1] == 1: data = data[..., 0]
     if data.ndim != 3: raise CTReadError(f'{fn}: expected a 3D volume, got shape {data.shape}')
-    hu = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, :])  # (z, y, x); rows run anterior to posterior
-    dx, dy, dz = (float(z) for z in img.header.get_zooms()[:3])
-    return CTSeries(hu, (dz, dy, dx), {'format': 'NIfTI'}, [str(fn)])
+    aff, source = _nifti_affine(img)
+    lin = np.diag([-1., -1., 1.]) @ aff[:3, :3]  # RAS -> LPS
+    zooms = np.linalg.norm(lin, axis=0)
+    if not (zooms > 0).all(): raise CTReadError(f'{fn}: the affine has a zero voxel size ({zooms.round(3).tolist()})')
+    try: hu, spacing, info = reorient(data, (lin / zooms).T, zooms, slice_axis=2)
+    except CTReadError as e: raise CTReadError(f'{fn}: {e}') from None
+    meta = dict(format='NIfTI', **info, assumed=[] if source != 'none' else ['orientation'], orientation_source=source)
+    return CTSeries(hu, spacing, meta, [str(fn)])
 
 # %% ../nbs/01_io.ipynb #f0d10001
 def read_found(row) -> CTSeries:
