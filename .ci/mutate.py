@@ -19,16 +19,23 @@ killed, reported apart) and SURVIVED when every listed notebook passes: then a t
 the tests until it is killed) or the mutation does not change the science (say why and remove it). Before
 any mutation, the unmutated copy must pass the tests of every notebook involved, else the run aborts.
 
-The score is (killed + timeouts) / mutations run. Exit status: 0 when every mutation applied and the score is
-at least `--min-score` (default 0.95); 1 when the score is lower; 2 when a mutation is STALE / ambiguous /
-without effect, the list is malformed or the unmutated copy fails its tests.
+The score is (killed + timeouts) / mutations run. A mutation that cannot be tested is not scored and fails the
+run: STALE (snippet gone), AMBIGUOUS (it occurs more than once), NOEFFECT (the generated package did not change)
+or ERROR (`nbdev_test` itself failed outside the notebook's cells twice, e.g. a worker that could not start).
+Exit status: 0 when every mutation was tested and the score is at least `--min-score` (default 0.95); 1 when
+the score is lower; 2 when a mutation could not be tested, the list is malformed or the unmutated copy fails.
+Mutations of the notebooks in the list's `[pending]` table (code being rewritten) are listed, not run, unless
+`--pending` is given.
 
-Usage (from the repository root, in the project's venv; `nbdev_export`/`nbdev_test` on the PATH):
+Usage (Python >= 3.11 for `tomllib`; from the repository root, in the project's venv with `nbdev_export` and
+`nbdev_test` on the PATH; R's pROC installed, as in CI, so that the DeLong comparison runs):
 
     python .ci/mutate.py --list                      # the mutations, their notebooks and the tests that run
     python .ci/mutate.py                             # all of them (tens of minutes on 2 cores)
     python .ci/mutate.py --only stats --jobs 2       # ids or notebooks matching a regular expression
     python .ci/mutate.py --only 'window\\.' --timeout 300 --min-score 1
+    python .ci/mutate.py --own --only review         # quick triage: only the mutated notebook's own tests
+    python .ci/mutate.py --downstream --only window  # only the dependants: do the notebooks using the code see the bug?
 
 Each mutation costs an export (seconds) and the tests of its notebooks until the first failure; a survivor
 runs all of its notebooks. The default time limit per mutation is three times what the unmutated tests of
@@ -44,7 +51,7 @@ except ModuleNotFoundError: tomllib = None  # Python < 3.11: the list cannot be 
 
 ROOT = Path(__file__).resolve().parent.parent
 LIST = Path(__file__).resolve().parent / 'mutations.toml'
-_EXPORT = re.compile(r'^\s*#\s*\|\s*export\s*$', re.M)  # `#| export` (not exporti/hide); nbdev 2 syntax
+_EXPORT = re.compile(r'^\s*#\s*\|\s*export[is]?\b', re.M)  # `#| export`, `exporti`, `exports` (nbdev 2): cells that reach the module
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Mutation:
     replace: str
     why: str  # the plausible bug, in one line
     tests: list = field(default_factory=list)  # notebook stems, the mutated one first
+    pending: str = ''  # why it is not run yet (its notebook is in the list's [pending] table)
 
 
 @dataclass
@@ -76,10 +84,12 @@ def load_mutations(path: Path = LIST) -> list[Mutation]:
     if tomllib is None: die("needs Python >= 3.11 (tomllib) to read the mutation list")
     try: cfg = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e: die(f"{path}: {e}")
-    deps, out, seen = cfg.get('tests', {}), [], set()
+    deps, pending, out, seen = cfg.get('tests', {}), cfg.get('pending', {}), [], set()
     for i, m in enumerate(cfg.get('mutation', [])):
         miss = [k for k in ('id', 'notebook', 'find', 'replace', 'why') if k not in m]
         if miss: die(f"{path}: mutation #{i + 1} ({m.get('id', 'no id')}) lacks {miss}")
+        extra = set(m) - {'id', 'notebook', 'find', 'replace', 'why', 'tests'}
+        if extra: die(f"{path}: mutation {m['id']!r} has unknown key(s) {sorted(extra)}")
         if m['id'] in seen: die(f"{path}: mutation id {m['id']!r} repeats")
         seen.add(m['id'])
         if m['find'] == m['replace']: die(f"{path}: mutation {m['id']!r}: replace equals find")
@@ -88,7 +98,7 @@ def load_mutations(path: Path = LIST) -> list[Mutation]:
         tests = [m['notebook']] + tests
         for nb in tests:
             if not (ROOT / 'nbs' / f'{nb}.ipynb').is_file(): die(f"{path}: mutation {m['id']!r}: no notebook nbs/{nb}.ipynb")
-        out.append(Mutation(m['id'], m['notebook'], m['find'], m['replace'], m['why'], tests))
+        out.append(Mutation(m['id'], m['notebook'], m['find'], m['replace'], m['why'], tests, pending.get(m['notebook'], '')))
     if not out: die(f"{path}: no [[mutation]] entries")
     return out
 
@@ -236,29 +246,32 @@ def load() -> str: return ' '.join(f'{x:.2f}' for x in os.getloadavg())
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--list', action='store_true', help='print the mutations and exit')
+    ap.add_argument('--list', action='store_true', help='print the mutations (and any that no longer apply) and exit')
     ap.add_argument('--only', action='append', metavar='PATTERN', help='run the mutations whose id or notebook matches this regular expression (repeatable)')
     ap.add_argument('--jobs', type=int, default=1, help='mutations tested at once (default 1)')
-    ap.add_argument('--timeout', type=float, default=None, help='seconds per mutation (default: 3 x its notebooks\' unmutated test time + 60)')
+    ap.add_argument('--timeout', type=float, default=None, help="seconds per mutation (default: 3 x its notebooks' unmutated test time + 60)")
     ap.add_argument('--min-score', type=float, default=0.95, help='exit 1 below this mutation score (default 0.95)')
-    ap.add_argument('--own', action='store_true', help="test only the mutated notebook (quick triage: survivors are then only candidates)")
+    ap.add_argument('--own', action='store_true', help='test only the mutated notebook (quick triage: survivors are then only candidates)')
+    ap.add_argument('--downstream', action='store_true', help="test only the dependants (does a bug reach the notebooks that use the code?)")
+    ap.add_argument('--pending', action='store_true', help="also run the mutations of the notebooks in the list's [pending] table")
     ap.add_argument('--file', type=Path, default=LIST, help=f'mutation list (default {LIST.relative_to(ROOT)})')
     a = ap.parse_args(argv)
     ms = load_mutations(a.file)
     if a.only: ms = [m for m in ms if any(re.search(p, m.id) or re.search(p, m.notebook) for p in a.only)]
     if not ms: die(f"no mutation matches {a.only}")
+    if a.own and a.downstream: die("--own and --downstream exclude each other")
     if a.own:
         for m in ms: m.tests = [m.notebook]
-    if a.list:
-        stale = {o.mutation.id: o for o in preflight(ms, ROOT)}
-        for m in ms:
-            flag = f"  [{stale[m.id].status}: {stale[m.id].detail}]" if m.id in stale else ''
-            print(f"{m.id:<32} {m.notebook:<13} {m.why}{flag}\n{'':<32} tests: {' '.join(m.tests)}")
-        by = {}
-        for m in ms: by[m.notebook] = by.get(m.notebook, 0) + 1
-        print(f"{len(ms)} mutation(s): " + ', '.join(f"{k} {v}" for k, v in sorted(by.items()))
-              + (f"; {len(stale)} STALE/AMBIGUOUS" if stale else ''))
-        return 2 if stale else 0
+    if a.downstream:
+        ms = [m for m in ms if len(m.tests) > 1]
+        for m in ms: m.tests = m.tests[1:]
+        if not ms: die("no selected mutation has dependants to test")
+    if a.list: return list_mutations(ms)
+    held = [] if a.pending else [m for m in ms if m.pending]
+    ms = [m for m in ms if m not in held]
+    for nb in dict.fromkeys(m.notebook for m in held):
+        print(f"mutate: {sum(m.notebook == nb for m in held)} mutation(s) of {nb} pending, not run ({held[[m.notebook for m in held].index(nb)].pending}); --pending runs them")
+    if not ms: die("every selected mutation is pending; --pending runs them")
     t_start = time.perf_counter(); print(f"mutate: {len(ms)} mutation(s), jobs {a.jobs}, load average {load()}", flush=True)
     with tempfile.TemporaryDirectory(prefix='ichmut') as work:
         work = Path(work); base = work / 'base'; base.mkdir(); copy_repo(base)
@@ -272,22 +285,41 @@ def main(argv=None):
             limit = a.timeout or 3 * sum(secs[nb] for nb in m.tests) + 60
             o = mutate_one(m, base, work, digest, limit)
             with lock:
-                res.append(o); where = f" in {o.notebook}" if o.status in ('KILLED', 'TIMEOUT') else ''
+                res.append(o); where = f" in {o.notebook}" if o.status in ('KILLED', 'TIMEOUT', 'ERROR') else ''
                 print(f"[{len(res)}/{len(ms)}] {o.status:<8} {m.id}{where} ({o.seconds:.0f} s): {o.detail if o.status != 'SURVIVED' else m.why}", flush=True)
             return o
         with cf.ThreadPoolExecutor(a.jobs) as ex: list(ex.map(one, ms))
+    return report(res, a.min_score, time.perf_counter() - t_start)
+
+
+def list_mutations(ms: list) -> int:
+    "Print the mutations with their tests, flagging pending ones and those that no longer apply; 2 if any of the latter is not pending."
+    stale = {o.mutation.id: o for o in preflight(ms, ROOT)}
+    for m in ms:
+        flag = f"  [{stale[m.id].status}: {stale[m.id].detail}]" if m.id in stale else ''
+        flag += '  [pending]' if m.pending else ''
+        print(f"{m.id:<34} {m.notebook:<13} {m.why}{flag}\n{'':<34} tests: {' '.join(m.tests)}")
+    by = {}
+    for m in ms: by[m.notebook] = by.get(m.notebook, 0) + 1
+    print(f"{len(ms)} mutation(s): " + ', '.join(f"{k} {v}" for k, v in sorted(by.items()))
+          + (f"; pending: {sum(bool(m.pending) for m in ms)}" if any(m.pending for m in ms) else '')
+          + (f"; {len(stale)} STALE/AMBIGUOUS" if stale else ''))
+    return 2 if any(not o.mutation.pending for o in stale.values()) else 0
+
+
+def report(res: list, min_score: float, seconds: float) -> int:
+    "Print the score and the survivors; the exit status."
     broken = [o for o in res if o.status in ('STALE', 'AMBIGUOUS', 'NOEFFECT', 'ERROR')]
     counted = [o for o in res if o.status in ('KILLED', 'TIMEOUT', 'SURVIVED')]
     killed = sum(o.status == 'KILLED' for o in counted); tout = sum(o.status == 'TIMEOUT' for o in counted)
     surv = [o for o in counted if o.status == 'SURVIVED']
     score = (killed + tout) / len(counted) if counted else 0.
     print(f"\nmutation score {score:.3f}: {killed} killed, {tout} timed out, {len(surv)} survived of {len(counted)}"
-          + (f"; {len(broken)} not applicable" if broken else '')
-          + f" ({time.perf_counter() - t_start:.0f} s, load average {load()})")
+          + (f"; {len(broken)} could not be tested" if broken else '') + f" ({seconds:.0f} s, load average {load()})")
     for o in surv: print(f"  SURVIVED {o.mutation.id} ({o.mutation.notebook}): {o.mutation.why}")
-    for o in broken: print(f"  {o.status} {o.mutation.id} ({o.mutation.notebook}): {o.detail}")
+    for o in broken: print(f"  {o.status} {o.mutation.id} ({o.notebook}): {o.detail}")
     if broken: return 2
-    return 0 if score >= a.min_score else 1
+    return 0 if score >= min_score else 1
 
 
 if __name__ == '__main__': sys.exit(main())
