@@ -14,9 +14,9 @@ from .core import *
 __all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'EXTERNAL_SCANNER', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO',
            'STAGES', 'StudyConfig', 'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html',
            'cohort_path', 'stage_cohorts', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds',
-           'stage_evaluate', 'stage_review', 'pack_models', 'load_model_package', 'write_report', 'stage_report',
-           'training_seed', 'seed_runs', 'model_columns', 'run_metrics', 'paper_comparisons', 'run_comparisons',
-           'robustness_tables', 'stage_seeds', 'run_study', 'main']
+           'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review', 'pack_models', 'load_model_package',
+           'write_report', 'stage_report', 'training_seed', 'seed_runs', 'model_columns', 'run_metrics',
+           'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds', 'run_study', 'main']
 
 # %% ../nbs/50_study.ipynb #00db3105
 @dataclass
@@ -263,16 +263,14 @@ def table4_preds(pred: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame({k: pred.set_index('case_id')[v] for k, v in cols.items()})
 
 # %% ../nbs/50_study.ipynb #ad041ee5
-def stage_evaluate(cfg: StudyConfig) -> dict:
-    "Tables 2-4 (CSV + Markdown), Figure 4 and the supporting figures, per-case predictions."
-    import matplotlib; matplotlib.use('Agg')
+def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
+    "Tables 2-4 (CSV + Markdown), the strata table and Figure 4 of a run; returns the per-case predictions."
     import matplotlib.pyplot as plt
-    from ich_nb.data import load_cohort
+    from ich_nb.data import cohort_strata
     from ich_nb.stats import paper_table, save_table, plot_roc
-    from ich_nb.classifiers import table2, roc_figure, load_regime_models, example_slices, saliency_figure, localisation_table, REGIMES
-    from ich_nb.ensemble import combination_table, plot_volumes, volume_agreement
+    from ich_nb.classifiers import table2, roc_figure
+    from ich_nb.ensemble import combination_table
     out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'; fdir.mkdir(parents=True, exist_ok=True)
-    ext = load_cohort(cohort_path(cfg, 'external'))
     pred = case_predictions(cfg)
     atomic_save(out / 'predictions.csv', lambda f: pred.to_csv(f, index=False))
     kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
@@ -280,10 +278,22 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
     save_table(table2(clf, **kw), tdir / 'table2'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     save_table(combination_table(ens[ens['model'].str.startswith('Ensemble')], ext.cases, **kw), tdir / 'table3')
+    save_table(cohort_strata(ext), tdir / 'strata')
     w = table4_preds(pred, cfg); y = pred.set_index('case_id').loc[w.index, 'y']
     save_table(paper_table(w, y, reference='Weighted ensemble', **kw), tdir / 'table4')
     plt.close(plot_roc(y.to_numpy(), {k: w[k].to_numpy() for k in w}, fname=fdir / 'figure4_roc.png',
                        title=f'External cohort: weighted ensemble vs {_n_networks(cfg)}'))
+    return pred
+
+# %% ../nbs/50_study.ipynb #e2a092d3
+def evaluate_masks(cfg: StudyConfig, ext) -> dict:
+    "What needs the external cohort's masks: lesion volumes (figure, agreement) and the classifiers' saliency and localisation."
+    import matplotlib.pyplot as plt
+    from ich_nb.stats import save_table
+    from ich_nb.classifiers import load_regime_models, example_slices, saliency_figure, localisation_table, REGIMES
+    from ich_nb.ensemble import plot_volumes, volume_agreement
+    out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'
+    ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     fin = ens[(ens['combo'] == FINAL_COMBO) & (ens['y'] == 1)]
     fig = plot_volumes(fin['vol_true_ml'], fin['vol_pred_ml'], title='Ensemble (models 1-5), ICH cases')
     atomic_save(fdir / 'volumes.png', lambda f: fig.savefig(f, dpi=120, bbox_inches='tight')); plt.close(fig)
@@ -292,25 +302,37 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
     models = {REGIMES[r]['title']: m for r, m in load_regime_models(out / 'classifiers', net).items()}
     x, m, _ = example_slices(ext, n=4, size=cfg.size, seed=cfg.seed)
     plt.close(saliency_figure(models, x, m, fname=fdir / 'saliency.png'))
-    loc = localisation_table(models, ext, size=cfg.size)
-    save_table(loc.round(3), tdir / 'localisation')
-    return dict(cases=len(pred), volume_agreement={k: float(v) for k, v in vol.items()}, saliency_net=net)
+    save_table(localisation_table(models, ext, size=cfg.size).round(3), tdir / 'localisation')
+    return dict(volume_agreement={k: float(v) for k, v in vol.items()}, saliency_net=net)
+
+# %% ../nbs/50_study.ipynb #4f715305
+def stage_evaluate(cfg: StudyConfig) -> dict:
+    "Tables 2-4, Figure 4, and (when the external cohort has masks) volumes, saliency and localisation."
+    import matplotlib; matplotlib.use('Agg')
+    from ich_nb.data import load_cohort
+    ext = load_cohort(cohort_path(cfg, 'external'))
+    pred = evaluate_tables(cfg, ext)
+    info = dict(cases=len(pred), masks=bool(ext.has_masks))
+    return {**info, **evaluate_masks(cfg, ext)} if ext.has_masks else info
 
 # %% ../nbs/50_study.ipynb #85ab4cef
 def stage_review(cfg: StudyConfig) -> dict:
-    "Difficult cases of the final ensemble, a blank reader sheet, and the review with simulated readers."
+    "Difficult cases of the final ensemble (and of the original readers, when the cohort has them), a blank reader sheet, and the review with simulated readers."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from ich_nb.data import load_cohort, reader_matrix
     from ich_nb.review import select_difficult, reader_sheet, simulate_readers, review_readers, reevaluate, plot_review
     from ich_nb.stats import save_table
-    out = Path(cfg.out); rdir = out / 'review'; rdir.mkdir(parents=True, exist_ok=True)
-    pred = pd.read_csv(out / 'predictions.csv', dtype={'case_id': str})
     from ich_nb.ensemble import COMBO_NAMES
+    out = Path(cfg.out); rdir = out / 'review'; rdir.mkdir(parents=True, exist_ok=True)
+    ext = load_cohort(cohort_path(cfg, 'external'))
+    pred = pd.read_csv(out / 'predictions.csv', dtype={'case_id': str})
     p = pred[['case_id', 'y']].assign(prob=pred[COMBO_NAMES[FINAL_COMBO]])
+    readers = reader_matrix(ext) if (ext.path / 'readers.csv').is_file() else None  # CQ500: its three readers
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # no annotator matrix on synthetic data: no case is difficult for humans
-        sel = select_difficult(p)
-    hard = sel[sel['difficult_ai']]
+        warnings.simplefilter('ignore')  # synthetic data has no annotator matrix: no case is difficult for humans
+        hard = select_difficult(p, annotators=readers)
+    save_table(hard.set_index('case_id'), rdir / 'difficult')
     if len(hard) == 0: return dict(difficult=0)
     if not (rdir / 'reader_sheet.csv').exists(): reader_sheet(hard, readers=6, path=rdir / 'reader_sheet.csv', seed=cfg.seed)
     sim = simulate_readers(hard.set_index('case_id')['y'], np.ones(len(hard)), n_readers=6, seed=cfg.seed)
@@ -319,7 +341,8 @@ def stage_review(cfg: StudyConfig) -> dict:
     save_table(reevaluate(p, rv, name='Weighted ensemble', n_boot=cfg.n_boot, seed=cfg.seed), rdir / 'simulated_reevaluation')
     plt.close(plot_review(rv, p, fname=out / 'figures' / 'review_simulated.png'))
     with atomic_write(rdir / 'simulated_summary.txt') as f: f.write(rv.summary() + '\n')
-    return dict(difficult=int(len(hard)), changed=int(len(rv.changes)), kappa=float(rv.kappa['kappa'].iloc[0]))
+    return dict(difficult=int(len(hard)), difficult_humans=int(hard['difficult_human'].sum()),
+                changed=int(len(rv.changes)), kappa=float(rv.kappa['kappa'].iloc[0]))
 
 # %% ../nbs/50_study.ipynb #c4f88299
 def pack_models(cfg: StudyConfig) -> Path:
@@ -355,6 +378,26 @@ def load_model_package(path, device='cpu') -> dict:
 # %% ../nbs/50_study.ipynb #1d9d9491
 def _md_file(p: Path) -> str: return p.read_text() if p.exists() else f'*({p.name} missing)*'
 
+def _localisation_section(out: Path) -> str:
+    "Localisation and saliency of the classifiers (only when the external cohort has masks)."
+    if not (out / 'tables' / 'localisation.md').exists():
+        return 'Localisation and saliency need masks of the external cohort; this one has none.\n'
+    return (f"Localisation of the class activation maps on the external ICH slices:\n\n{_md_file(out / 'tables' / 'localisation.md')}"
+            "\n\n![Saliency: weak vs strong CAMs beside the true mask](figures/saliency.png)\n")
+
+def _strata_section(t: Path) -> str:
+    "Which Table 3 strata the external cohort supports, and why not where it does not."
+    if not (t / 'strata.csv').exists(): return ''
+    s = pd.read_csv(t / 'strata.csv', index_col=0).fillna('')
+    gone = s[~s['available'].astype(bool)]
+    return '' if gone.empty else 'Strata this external cohort cannot provide (left out of Table 3, not invented):\n\n' + \
+        '\n'.join(f'- {k}: {r.reason}' for k, r in gone.iterrows()) + '\n'
+
+def _volume_section(out: Path) -> str:
+    "Predicted vs true lesion volumes (only when the external cohort has masks)."
+    if not (out / 'figures' / 'volumes.png').exists(): return ''
+    return '## Lesion volume (combined mask vs truth)\n\n![Volumes](figures/volumes.png)\n\n'
+
 def _seeds_section(cfg: StudyConfig, t: Path) -> str:
     "The report's section across training seeds (empty for a single-seed run)."
     if cfg.seeds < 2 or not (t / 'robustness_metrics.md').exists(): return ''
@@ -382,15 +425,12 @@ numbers show the pipeline, not clinical performance.
 
 ![ROC per network and regime](figures/table2_roc.png)
 
-Localisation of the class activation maps on the external ICH slices (IoU at 0.5, pointing game):
-
-{_md_file(t / 'localisation.md')}
-
-![Saliency: weak vs strong CAMs beside the true mask](figures/saliency.png)
-
+{_localisation_section(out)}
 ## Table 3: ensemble combinations
 
 {_md_file(t / 'table3.md')}
+
+{_strata_section(t)}
 
 ## Table 4: weighted ensemble vs {_n_networks(cfg)}
 
@@ -398,10 +438,7 @@ Localisation of the class activation maps on the external ICH slices (IoU at 0.5
 
 ![Figure 4](figures/figure4_roc.png)
 
-{_seeds_section(cfg, t)}## Lesion volume (combined mask vs truth)
-
-![Volumes](figures/volumes.png)
-
+{_seeds_section(cfg, t)}{_volume_section(out)}
 ## Difficult-case review (SIMULATED readers)
 
 {rev.read_text() if rev.exists() else 'No difficult case.'}
