@@ -27,7 +27,7 @@ the score is lower; 2 when a mutation could not be tested, the list is malformed
 Mutations of the notebooks in the list's `[pending]` table (code being rewritten) are listed, not run, unless
 `--pending` is given.
 
-Usage (Python >= 3.11 for `tomllib`; from the repository root, in the project's venv with `nbdev_export` and
+Usage (Python >= 3.11, or 3.10 with `tomli`; from the repository root, in the project's venv with `nbdev_export` and
 `nbdev_test` on the PATH; R's pROC installed, as in CI, so that the DeLong comparison runs):
 
     python .ci/mutate.py --list                      # the mutations, their notebooks and the tests that run
@@ -47,7 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 try: import tomllib
-except ModuleNotFoundError: tomllib = None  # Python < 3.11: the list cannot be read (see load_mutations)
+except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` package, if installed
+    try: import tomli as tomllib
+    except ModuleNotFoundError: tomllib = None
 
 ROOT = Path(__file__).resolve().parent.parent
 LIST = Path(__file__).resolve().parent / 'mutations.toml'
@@ -81,7 +83,7 @@ def die(msg: str, code: int = 2):
 
 def load_mutations(path: Path = LIST) -> list[Mutation]:
     "The mutation list, checked: unique ids, known notebooks, every field present."
-    if tomllib is None: die("needs Python >= 3.11 (tomllib) to read the mutation list")
+    if tomllib is None: die("reading the mutation list needs Python >= 3.11 (tomllib) or the tomli package")
     try: cfg = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e: die(f"{path}: {e}")
     deps, pending, out, seen = cfg.get('tests', {}), cfg.get('pending', {}), [], set()
