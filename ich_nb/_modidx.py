@@ -300,6 +300,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/ich_nb', 'doc_host': '', '
                                 'ich_nb.explore.Run.net': ('explore.html#run.net', 'ich_nb/explore.py'),
                                 'ich_nb.explore.Run.predictions': ('explore.html#run.predictions', 'ich_nb/explore.py'),
                                 'ich_nb.explore.Run.review': ('explore.html#run.review', 'ich_nb/explore.py'),
+                                'ich_nb.explore.Run.seed_runs': ('explore.html#run.seed_runs', 'ich_nb/explore.py'),
                                 'ich_nb.explore.Run.show_case': ('explore.html#run.show_case', 'ich_nb/explore.py'),
                                 'ich_nb.explore.Run.stages': ('explore.html#run.stages', 'ich_nb/explore.py'),
                                 'ich_nb.explore.Run.table': ('explore.html#run.table', 'ich_nb/explore.py'),

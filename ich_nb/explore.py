@@ -107,7 +107,7 @@ def table(self: Run, n) -> pd.DataFrame:
     t = pd.read_csv(f, header=[0, 1] if two else 0, index_col=0)
     return t.fillna('') if two else t
 
-# %% ../nbs/55_explore.ipynb #3077f45e
+# %% ../nbs/55_explore.ipynb #ebf38454
 @dataclass
 class RunReview:
     "The difficult-case review of a run: summary, readers' metrics, re-evaluation, and the reader sheet's path."
@@ -115,33 +115,37 @@ class RunReview:
     metrics: pd.DataFrame | None = None  # sensitivity, specificity, accuracy per reader
     reevaluation: pd.DataFrame | None = None  # the final ensemble on the original and the amended truth
     sheet: Path | None = None  # blank reader sheet for a real review
+    difficult: pd.DataFrame | None = None  # the cases selected for the review and why
     simulated: bool = False
     def __repr__(self): return self.summary
 
-# %% ../nbs/55_explore.ipynb #90343e33
+# %% ../nbs/55_explore.ipynb #0c66e299
 @patch(as_prop=True)
 def review(self: Run) -> RunReview:
     "The review results in `review/` (simulated readers on synthetic runs), or a summary saying why there are none."
     d = self.path / 'review'
     read = lambda name, **kw: pd.read_csv(d / name, **kw) if (d / name).is_file() else None
+    hard = read('difficult.csv', dtype={'case_id': str}, index_col='case_id')
     if (d / 'simulated_summary.txt').is_file():
         return RunReview((d / 'simulated_summary.txt').read_text().strip(), read('simulated_reader_metrics.csv', index_col=0),
-                         read('simulated_reevaluation.csv', header=[0, 1], index_col=0), d / 'reader_sheet.csv', simulated=True)
+                         read('simulated_reevaluation.csv', header=[0, 1], index_col=0), d / 'reader_sheet.csv', hard, simulated=True)
     mark = self.path / 'stages' / 'review.json'
     why = ('no case was difficult for the final ensemble' if mark.is_file() and json.loads(mark.read_text()).get('difficult') == 0
            else 'the review stage has not run')
-    return RunReview(f'No review: {why}.', sheet=d / 'reader_sheet.csv' if (d / 'reader_sheet.csv').is_file() else None)
+    return RunReview(f'No review: {why}.', sheet=d / 'reader_sheet.csv' if (d / 'reader_sheet.csv').is_file() else None, difficult=hard)
 
-# %% ../nbs/55_explore.ipynb #9d82f868
+# %% ../nbs/55_explore.ipynb #ddd42f5a
 COHORTS = ('A', 'B', 'external')
 COHORT_KEYS = dict(A='cohort_a', B='cohort_b', external='external')  # config keys that may name a cohort folder
 
 @patch
 def cohort_path(self: Run, name: str = 'external') -> Path:
-    "Folder of cohort `name`: the one `config.json` names (absolute, or relative to the run), else `cohorts/<name>`."
+    "Folder of cohort `name`: the one `config.json` names (found as described above), else `cohorts/<name>`."
     if name not in COHORTS: raise ValueError(f'cohort must be one of {COHORTS}, got {name!r}')
-    given = self.config.get(COHORT_KEYS[name])
-    tries = [] if not isinstance(given, str) or given in ('', 'synthetic') else [Path(given) if Path(given).is_absolute() else self.path / given]
+    given, tries = self.config.get(COHORT_KEYS[name]), []
+    if isinstance(given, str) and given not in ('', 'synthetic'):
+        g = Path(given); tries += [g] if g.is_absolute() else [self.path / g, Path.cwd() / g]
+        if g.parent.name == 'cohorts': tries += [a / 'cohorts' / g.name for a in list(self.path.absolute().parents)[:3]]
     tries.append(self.path / 'cohorts' / name)
     for p in tries:
         if (p / 'cases.csv').is_file(): return p
@@ -203,6 +207,16 @@ def classifier(self: Run, name: str):
         have = sorted(p.stem for p in f.parent.glob('*.pth') if not re.search(r'_\d+$', p.stem))
         raise FileNotFoundError(f'{f}: no classifier {name!r} in this run (it has {", ".join(have) or "none"})')
     return self._once(('clf', stem), lambda: load_classifier(f))
+
+# %% ../nbs/55_explore.ipynb #9018714f
+@patch(as_prop=True)
+def seed_runs(self: Run) -> dict:
+    "The finished runs of the extra training seeds (`seeds/seed_<s>/`) as `{seed: Run}`."
+    out = {}
+    for p in sorted((self.path / 'seeds').glob('seed_*'), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1):
+        try: out[int(p.name[5:])] = load_run(p)
+        except (ValueError, FileNotFoundError) as e: warnings.warn(f'seed_runs: left out ({e})')
+    return out
 
 # %% ../nbs/55_explore.ipynb #95e9129d
 def weight_maps(weight_model,  # a (prepared) `WeightNet`
@@ -437,9 +451,10 @@ def attribute_summary(err: pd.DataFrame,  # the error cases (one row each)
             rows += [(a, v, f'{n} of {len(err)}', f'{o.get(v, 0)} of {len(ok)}') for v, n in e.items()]
     return pd.DataFrame(rows, columns=['attribute', 'value', 'errors', 'correct'])
 
-# %% ../nbs/55_explore.ipynb #6f42d069
+# %% ../nbs/55_explore.ipynb #471eb506
 ERROR_ATTRS = ('subtype', 'vol_ml_total', 'small_lesion', 'conspicuity', 'midline_shift_mm', 'vol_pred_ml', 'acuity',
-               'lesion_sites', 'mixed', 'confounders', 'scanner', 'manufacturer', 'kernel', 'noise_hu', 'atrophy')
+               'lesion_sites', 'mixed', 'confounders', 'n_ich_votes', 'unanimous', 'scanner', 'manufacturer', 'kernel',
+               'noise_hu', 'atrophy')
 DEFAULT_THR = 0.5  # the threshold of sensitivity and specificity in the paper tables
 
 @dataclass
