@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
+from .explore import RUN_FORMAT  # the run-folder layout `load_run` reads
+
 
 # %% auto #0
 __all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'EXTERNAL_SCANNER', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO',
@@ -130,7 +132,7 @@ class StageRunner:
             diff = {k: (old[k], v) for k, v in cur.items() if old[k] != v and k not in RUN_ONLY_FIELDS}
             if diff: raise ValueError(f'{p}: this run folder was made with another configuration {diff}; use a new --out')
         else:
-            with atomic_write(p) as f: json.dump({**cur, 'environment': machine_info()}, f, indent=1)
+            with atomic_write(p) as f: json.dump({**cur, 'run_format': RUN_FORMAT, 'environment': machine_info()}, f, indent=1)
 
     def rerun(self, name: str, fn, *args, **kwargs):
         "Run stage `name` even if it ran before (cheap stages whose inputs can grow: the report, the tables across seeds)."
@@ -308,7 +310,6 @@ def evaluate_masks(cfg: StudyConfig, ext) -> dict:
 # %% ../nbs/50_study.ipynb #4f715305
 def stage_evaluate(cfg: StudyConfig) -> dict:
     "Tables 2-4, Figure 4, and (when the external cohort has masks) volumes, saliency and localisation."
-    import matplotlib; matplotlib.use('Agg')
     from ich_nb.data import load_cohort
     ext = load_cohort(cohort_path(cfg, 'external'))
     pred = evaluate_tables(cfg, ext)
@@ -318,7 +319,6 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
 # %% ../nbs/50_study.ipynb #85ab4cef
 def stage_review(cfg: StudyConfig) -> dict:
     "Difficult cases of the final ensemble (and of the original readers, when the cohort has them), a blank reader sheet, and the review with simulated readers."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from ich_nb.data import load_cohort, reader_matrix
     from ich_nb.review import select_difficult, reader_sheet, simulate_readers, review_readers, reevaluate, plot_review
