@@ -200,7 +200,7 @@ PHYSIONET_SUBTYPES = dict(epidural='Epidural', intraparenchymal='Intraparenchyma
 # %% ../nbs/11_import.ipynb #1b000008
 def _to_nifti(a: np.ndarray, spacing, reverse: bool = False, descrip: str = ''):
     "A `(S, H, W)` array (inferior to superior, rows anterior to posterior) as a NIfTI image stored (x, y, z) in RAS."
-    data = np.ascontiguousarray(a[:, ::-1, ::-1].transpose(2, 1, 0))  # columns run right to left in the array, x runs to the right in RAS
+    data = np.ascontiguousarray(a[:, ::-1, ::-1].transpose(2, 1, 0))  # columns run right->left and rows anterior->posterior: reversed for RAS +x, +y
     aff = np.diag([spacing[2], spacing[1], spacing[0], 1.])
     if reverse: data, aff[2, 2], aff[2, 3] = data[:, :, ::-1], -spacing[0], spacing[0] * (len(a) - 1)
     img = nib.Nifti1Image(data, aff)
