@@ -7,7 +7,7 @@ config.read('settings.ini', encoding='utf-8')
 cfg = config['DEFAULT']
 
 cfg_keys = 'version description keywords author author_email'.split()
-expected = cfg_keys + 'lib_name user branch license status min_python audience language'.split()
+expected = cfg_keys + 'lib_name branch license status min_python audience language'.split()
 for o in expected: assert o in cfg, f'missing expected setting: {o}'
 setup_cfg = {o: cfg[o] for o in cfg_keys}
 
@@ -28,7 +28,7 @@ setuptools.setup(
                  'Natural Language :: ' + cfg['language'].title()]
         + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]
         + (['License :: ' + lic[1]] if lic[1] else []),
-    url=cfg['git_url'],
+    url=cfg.get('git_url') or None,  # empty until the repository is public
     packages=setuptools.find_packages(include=['ich_nb', 'ich_nb.*']),
     include_package_data=True,
     install_requires=requirements,

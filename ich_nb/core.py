@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #2287f80a
 from __future__ import annotations
-import os, random, json, tempfile, contextlib, time, sys, shutil, atexit
+import os, random, json, tempfile, contextlib, time, sys, shutil, atexit, io, stat
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
 __all__ = ['ICH_SUBTYPES', 'LABEL_COLS', 'SUBTYPE_ABBR', 'SUBTYPE_CODE', 'SMALL_LESION_ML', 'lesion_volume_ml',
            'subtype_volumes_ml', 'in_test', 'test_size', 'ich_home', 'ich_path', 'seed_everything', 'default_device',
-           'atomic_write', 'atomic_save', 'scratch_dir', 'cleanup_scratch', 'Timer']
+           'new_file_mode', 'atomic_write', 'atomic_save', 'scratch_dir', 'cleanup_scratch', 'Timer', 'progress']
 
 # %% ../nbs/00_core.ipynb #f83d9dd9
 ICH_SUBTYPES = ['epidural', 'intraparenchymal', 'intraventricular', 'subarachnoid', 'subdural']
@@ -29,7 +29,10 @@ def lesion_volume_ml(mask: np.ndarray,  # integer or boolean mask `(S, H, W)`; n
     m = (np.asarray(mask) == label) if label is not None else (np.asarray(mask) != 0)
     return float(m.sum()) * float(np.prod(spacing)) / 1000.
 
-def subtype_volumes_ml(mask: np.ndarray, spacing) -> dict:
+# %% ../nbs/00_core.ipynb #f9a75688
+def subtype_volumes_ml(mask: np.ndarray,  # label map `(S, H, W)`, values `SUBTYPE_CODE`
+                       spacing,  # `(dz, dy, dx)` voxel size in mm
+                      ) -> dict:
     "Volume in mL per subtype name (`ICH_SUBTYPES` order) plus `total`."
     counts = np.bincount(np.asarray(mask, dtype=np.int64).ravel(), minlength=len(ICH_SUBTYPES) + 1)
     vox_ml = float(np.prod(spacing)) / 1000.
@@ -42,6 +45,7 @@ def in_test() -> bool:
     "True when running under `nbdev_test` (it sets `IN_TEST`)."
     return bool(os.environ.get('IN_TEST'))
 
+# %% ../nbs/00_core.ipynb #4124d2be
 def test_size(full, small):
     "`small` under `nbdev_test`, else `full`."
     return small if in_test() else full
@@ -53,6 +57,7 @@ def ich_home() -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p
 
+# %% ../nbs/00_core.ipynb #83491c89
 def ich_path(*parts: str) -> Path:
     "A folder below `ich_home()`, created on first use."
     p = ich_home().joinpath(*parts)
@@ -81,6 +86,12 @@ def default_device(prefer: str | None = None):
     if mps is not None and mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+# %% ../nbs/00_core.ipynb #9e36b140
+def new_file_mode() -> int:
+    "The permission bits a newly created file gets in this process: `0o666` less the umask."
+    mask = os.umask(0o022); os.umask(mask)
+    return 0o666 & ~mask
+
 # %% ../nbs/00_core.ipynb #9e36b146
 @contextlib.contextmanager
 def atomic_write(path, mode: str = 'w', **kwargs):
@@ -90,16 +101,21 @@ def atomic_write(path, mode: str = 'w', **kwargs):
     os.close(fd)
     try:
         with open(tmp, mode, **kwargs) as f: yield f
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
 
+# %% ../nbs/00_core.ipynb #9e36b147
 def atomic_save(path, writer, suffix: str | None = None):
     "Call `writer(tmp_path)` then rename `tmp_path` onto `path` (for libraries that want a file name)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.stem}.tmp{suffix or path.suffix}')
-    try: writer(tmp); os.replace(tmp, path)
+    try:
+        writer(tmp)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
@@ -113,6 +129,8 @@ def scratch_dir(prefix: str = 'ich_nb_') -> Path:
     p = Path(tempfile.mkdtemp(prefix=prefix)); _SCRATCH.append(p)
     return p
 
+# %% ../nbs/00_core.ipynb #8faf3f05
+@atexit.register
 def cleanup_scratch() -> int:
     "Remove every folder made by `scratch_dir` in this process; returns how many were removed."
     n = 0
@@ -121,10 +139,29 @@ def cleanup_scratch() -> int:
         if p.exists(): shutil.rmtree(p, ignore_errors=True); n += 1
     return n
 
-atexit.register(cleanup_scratch)
-
 # %% ../nbs/00_core.ipynb #0066d921
 class Timer:
     "Context manager that measures wall time in seconds (`.elapsed`)."
     def __enter__(self): self.t0 = time.perf_counter(); return self
     def __exit__(self, *args): self.elapsed = time.perf_counter() - self.t0
+
+# %% ../nbs/00_core.ipynb #a9d00002
+def progress(iterable,
+             desc: str = '',  # label in front of the count
+             total: int | None = None,  # number of items (default: `len(iterable)` when it has one)
+             every: float = 10.,  # seconds between plain lines (not on a terminal)
+             file=None,  # where to write (default: `sys.stderr`)
+            ):
+    "Iterate over `iterable` showing progress: a bar on a terminal, plain lines `desc: i/total (s)` elsewhere."
+    file = file or sys.stderr
+    total = total if total is not None else (len(iterable) if hasattr(iterable, '__len__') else None)
+    if getattr(file, 'isatty', lambda: False)():
+        from tqdm import tqdm
+        yield from tqdm(iterable, desc=desc or None, total=total, file=file, leave=False); return
+    t0 = last = time.perf_counter(); i = 0
+    for i, x in enumerate(iterable, 1):
+        yield x
+        now = time.perf_counter()
+        if now - last >= every or i == total:
+            print(f"{desc + ': ' if desc else ''}{i}/{total if total is not None else '?'} ({now - t0:.0f} s)", file=file, flush=True); last = now
+    if total is None: print(f"{desc + ': ' if desc else ''}{i} done ({time.perf_counter() - t0:.0f} s)", file=file, flush=True)

@@ -21,10 +21,12 @@ def _ids(values) -> pd.Index:
     "Case ids as a string Index (surrounding spaces removed)."
     return pd.Index([str(v).strip() for v in values], dtype=object)
 
+# %% ../nbs/60_review.ipynb #3d30f5dd
 def _show(x) -> str:
     "repr of a cell value, numpy scalars as plain Python (`2`, not `np.int64(2)`)."
     return repr(x.item() if isinstance(x, np.generic) else x)
 
+# %% ../nbs/60_review.ipynb #1f0daf74
 def _check_01(v: pd.Series, what: str, allow_nan: bool = False) -> pd.Series:
     "`v` as floats 0/1 (NaN kept if `allow_nan`); raise naming `what` and the first bad case otherwise."
     num = pd.to_numeric(v, errors='coerce') if v.dtype != bool else v.astype(float)
@@ -35,6 +37,7 @@ def _check_01(v: pd.Series, what: str, allow_nan: bool = False) -> pd.Series:
                          f"first {_show(v.iloc[i])} at case {v.index[i]!r}")
     return num.astype(float)
 
+# %% ../nbs/60_review.ipynb #83b62f68
 def _pred_table(pred_df, name: str = 'pred_df') -> pd.DataFrame:
     "Checked copy of a prediction table: `case_id` str, `y` int 0/1, `prob` float in [0, 1] (optional `model`)."
     if not isinstance(pred_df, pd.DataFrame):
@@ -56,6 +59,7 @@ def _pred_table(pred_df, name: str = 'pred_df') -> pd.DataFrame:
         raise ValueError(f"{name}: column y differs between the models' rows of the same case_id")
     return df
 
+# %% ../nbs/60_review.ipynb #c6bd303f
 def _truth_series(truth, name: str = 'truth') -> tuple[pd.Series, pd.DataFrame | None]:
     "0/1 int truth indexed by case id, and the table it came from (case id index) when it was a table."
     tab = None
@@ -82,6 +86,7 @@ def _in_pool(pool, ids: pd.Index, name: str) -> np.ndarray:
     if len(unknown): raise ValueError(f"{name} names {len(unknown)} case id(s) not in pred_df, e.g. {list(unknown[:3])}")
     return ids.isin(pool)
 
+# %% ../nbs/60_review.ipynb #692aa5a7
 def _annotator_matrix(annotators, ids: pd.Index) -> pd.DataFrame:
     "Checked annotator labels (cases x annotators, float 0/1/NaN) on the case ids of `ids` that it covers."
     a = pd.DataFrame(annotators)
@@ -93,6 +98,7 @@ def _annotator_matrix(annotators, ids: pd.Index) -> pd.DataFrame:
     if len(extra): warnings.warn(f"annotators: {len(extra)} case(s) are not in pred_df and are ignored, e.g. {list(extra[:3])}")
     return a.loc[a.index.intersection(ids, sort=False)]
 
+# %% ../nbs/60_review.ipynb #ed507c3b
 def _human_flags(df: pd.DataFrame, annotators, unanimous_col: str | None) -> np.ndarray:
     "True where the original annotators were known not to be unanimous."
     auto = next((c for c in ('annotators_unanimous', 'unanimous') if c in df.columns), None)
@@ -136,6 +142,7 @@ def select_difficult(pred_df: pd.DataFrame,  # one row per case: case_id, y (0/1
 class ReaderSheetError(ValueError):
     "A reader-study sheet that cannot be used; the message names the file, the line and each problem."
 
+# %% ../nbs/60_review.ipynb #6d15b172
 def _reader_names(readers) -> list[str]:
     "Reader column names from a count (`R1..Rn`) or a list of names, checked."
     names = [f'R{i + 1}' for i in range(readers)] if isinstance(readers, (int, np.integer)) else [str(r).strip() for r in readers]
@@ -145,6 +152,7 @@ def _reader_names(readers) -> list[str]:
     if len(set(names)) < len(names): raise ValueError(f"reader names repeat: {pd.Index(names)[pd.Index(names).duplicated()].tolist()}")
     return names
 
+# %% ../nbs/60_review.ipynb #d8bf8589
 def reader_sheet(cases,  # case ids, or a table with a case_id column (e.g. from `select_difficult`)
                  readers=6,  # number of readers (columns R1..Rn) or their names
                  path=None,  # CSV file to write
@@ -173,6 +181,20 @@ def _parse_label(s: str) -> float | None:
     except ValueError: return None
     return v if v in (0., 1.) else None
 
+# %% ../nbs/60_review.ipynb #6fbed64c
+def _check_row(ln: int, r: list, head: list, readers: list, seen: dict, ids: list, vals: list) -> list:
+    "Problems of one sheet line (appending the parsed row to `ids`/`vals` when it has none)."
+    if len(r) != len(head): return [f"line {ln}: {len(r)} field(s), the header has {len(head)}"]
+    row = dict(zip(head, r)); cid = row['case_id'].strip()
+    if not cid: return [f"line {ln}: empty case_id"]
+    if cid in seen: return [f"line {ln}: case id {cid!r} repeats line {seen[cid]}"]
+    seen[cid] = ln
+    labs = {k: _parse_label(row[k]) for k in readers}
+    bad = [f"line {ln}, case {cid!r}, reader {k!r}: {row[k].strip()!r} is not 0, 1 or blank" for k, v in labs.items() if v is None]
+    if not bad: ids.append(cid); vals.append([labs[k] for k in readers])
+    return bad
+
+# %% ../nbs/60_review.ipynb #7e1a0c11
 def read_reader_sheet(path,  # CSV from `reader_sheet`, filled by the readers
                       cases=None,  # the study's case ids (or a table with case_id): unknown and missing ids are errors
                       max_errors: int = 20,  # problems listed before giving up
@@ -205,18 +227,6 @@ def read_reader_sheet(path,  # CSV from `reader_sheet`, filled by the readers
     if empty: warnings.warn(f"{path}: reader(s) {empty} labelled no case")
     out.attrs['path'] = str(path)
     return out
-
-def _check_row(ln: int, r: list, head: list, readers: list, seen: dict, ids: list, vals: list) -> list:
-    "Problems of one sheet line (appending the parsed row to `ids`/`vals` when it has none)."
-    if len(r) != len(head): return [f"line {ln}: {len(r)} field(s), the header has {len(head)}"]
-    row = dict(zip(head, r)); cid = row['case_id'].strip()
-    if not cid: return [f"line {ln}: empty case_id"]
-    if cid in seen: return [f"line {ln}: case id {cid!r} repeats line {seen[cid]}"]
-    seen[cid] = ln
-    labs = {k: _parse_label(row[k]) for k in readers}
-    bad = [f"line {ln}, case {cid!r}, reader {k!r}: {row[k].strip()!r} is not 0, 1 or blank" for k, v in labs.items() if v is None]
-    if not bad: ids.append(cid); vals.append([labs[k] for k in readers])
-    return bad
 
 # %% ../nbs/60_review.ipynb #cbee1e80
 def simulate_readers(truth: pd.Series,  # true labels the simulated readers see (0/1, indexed by case id)
@@ -258,12 +268,14 @@ def _groups(tab: pd.DataFrame | None, index: pd.Index, groups: dict | None) -> d
             if m is not None and m.any(): out[name] = m  # an empty subset has no kappa
     return out
 
+# %% ../nbs/60_review.ipynb #528fa594
 def _kappa(lab: pd.DataFrame) -> dict:
     "Fleiss' kappa on the fully rated cases of `lab`, with the counts; NaN where undefined."
     full = lab.dropna()
     ok = len(full) >= 2 and np.unique(full.to_numpy()).size > 1
     return dict(kappa=fleiss_kappa(full) if ok else np.nan, n_cases=len(full), n_incomplete=len(lab) - len(full))
 
+# %% ../nbs/60_review.ipynb #efa9939e
 def _votes(lab: pd.DataFrame, t: pd.Series, amended: pd.Series) -> pd.DataFrame:
     "Per case: truth, readers who read it, ICH votes, votes against the truth, unanimity, amended label."
     read = lab.notna()
@@ -335,6 +347,7 @@ def review_readers(sheet: pd.DataFrame,  # cases x readers, 1/0/NaN (from `read_
 # %% ../nbs/60_review.ipynb #819541e0
 _METRICS = {'AUC': 'auc', 'Sensitivity': 'sensitivity', 'Specificity': 'specificity', 'Accuracy': 'accuracy'}
 
+# %% ../nbs/60_review.ipynb #7da00939
 def _eval_rows(y: pd.Series, w: pd.DataFrame, base: dict, reference, threshold, n_boot, seed) -> list:
     "Metric rows of every model of `w` on labels `y` (NaN rows, with a warning, when a class is missing)."
     n_pos = int(y.sum()); n_neg = len(y) - n_pos; rows = []
@@ -350,6 +363,7 @@ def _eval_rows(y: pd.Series, w: pd.DataFrame, base: dict, reference, threshold, 
             rows[-4].update(p=t.p, se=t.se, diff=t.diff)  # on the AUC row
     return rows
 
+# %% ../nbs/60_review.ipynb #e3408232
 def _format_reeval(res: pd.DataFrame, reference, digits: int) -> pd.DataFrame:
     "Paper-style strings: rows (model, truth) [+ P rows], columns (subset (n), metric)."
     res = res.assign(col=[f"{s} (n={n})" for s, n in zip(res.subset, res.n_pos + res.n_neg)])
@@ -364,7 +378,19 @@ def _format_reeval(res: pd.DataFrame, reference, digits: int) -> pd.DataFrame:
                                   for c in cols], index=cols, name=f"P for AUC difference vs {reference}, {tr} truth"))
     return pd.DataFrame(out)
 
-# %% ../nbs/60_review.ipynb #9d0313a9
+# %% ../nbs/60_review.ipynb #854c82f3
+def _all_wrong_note(res: pd.DataFrame, threshold: float) -> str:
+    "A note when, under the original truth, a model is wrong on every reviewed case (its metrics there are 0 by selection)."
+    acc = res[(res.truth == 'original') & (res.subset == 'Reviewed cases') & (res.metric == 'Accuracy')]
+    bad = acc[(acc.value == 0) & (acc.n_pos + acc.n_neg > 0)]
+    if bad.empty: return ''
+    n = int(bad.n_pos.iloc[0] + bad.n_neg.iloc[0])
+    return (f"{', '.join(map(str, bad.model))}: wrong on all {n} reviewed cases under the original truth "
+            f"(threshold {threshold:g}), so every metric there is 0: the cases were selected by the model's own "
+            "probabilities (difficult for AI) and none lies on the right side of the threshold; read the all-cases "
+            "rows and the number of changed labels instead")
+
+# %% ../nbs/60_review.ipynb #b2ff2262
 def reevaluate(pred_df: pd.DataFrame,  # case_id, y (original truth), prob; or a long table with a model column
                amended_truth,  # amended labels by case id (Series, table with case_id/y, or a `ReaderReview`)
                reviewed=None,  # case ids of the reviewed subset; default the cases of amended_truth
@@ -393,6 +419,7 @@ def reevaluate(pred_df: pd.DataFrame,  # case_id, y (original truth), prob; or a
             rows += _eval_rows(y[m], w[m], base, reference, threshold, n_boot, seed)
     res = pd.DataFrame(rows)
     t = _format_reeval(res, reference, digits); t.attrs['results'] = res
+    if note := _all_wrong_note(res, threshold): warnings.warn(f'reevaluate: {note}'); t.attrs['note'] = note
     return t
 
 # %% ../nbs/60_review.ipynb #a922b94e
@@ -403,6 +430,7 @@ def _model_point(pred_df, ids: pd.Index, y: pd.Series, threshold: float) -> tupl
     call, yy = p.to_numpy() >= threshold, y.loc[ids].to_numpy() == 1
     return (1 - (~call[~yy]).mean() if (~yy).any() else np.nan, call[yy].mean() if yy.any() else np.nan)
 
+# %% ../nbs/60_review.ipynb #5661f199
 def _case_order(rv: ReaderReview) -> tuple[pd.Index, np.ndarray, list]:
     "Reviewed cases by selection group (a case in two goes with the first), original truth, ICH votes; their group codes and names."
     names = ['other'] + [g for g in rv.groups if g != 'All reviewed']

@@ -33,6 +33,7 @@ def _as_labels(y, name: str = 'y') -> np.ndarray:
     if bad.any(): raise ValueError(f"{name} must hold 0/1 labels; found {np.unique(a[bad])[:5].tolist()}")
     return a == 1
 
+# %% ../nbs/40_stats.ipynb #31d0d8d9
 def _as_scores(s, n: int, name: str = 'score') -> np.ndarray:
     "`s` as a finite 1-D float array of length `n`; raise a readable error otherwise."
     try: a = np.asarray(s, dtype=float)
@@ -44,6 +45,7 @@ def _as_scores(s, n: int, name: str = 'score') -> np.ndarray:
         raise ValueError(f"{name} contains {int(bad.sum())} NaN/infinite value(s), first at index {int(np.argmax(bad))}")
     return a
 
+# %% ../nbs/40_stats.ipynb #c5a768f6
 def _need_classes(y: np.ndarray, k: int = 1, name: str = 'y'):
     "Raise unless `y` has at least `k` positives and `k` negatives."
     m = int(y.sum()); n = len(y) - m
@@ -53,14 +55,15 @@ def _need_classes(y: np.ndarray, k: int = 1, name: str = 'y'):
 # %% ../nbs/40_stats.ipynb #c21b5207
 class CI(NamedTuple):
     "A point estimate with the bounds of its confidence interval."
-    value: float
-    lo: float
-    hi: float
+    value: float  # point estimate
+    lo: float  # lower bound
+    hi: float  # upper bound
     def fmt(self, digits: int = 3, sep: str = '-') -> str:
         "Paper style: `0.953 (0.938-0.965)`."
         return f"{self.value:.{digits}f} ({self.lo:.{digits}f}{sep}{self.hi:.{digits}f})"
     def __str__(self): return self.fmt()
 
+# %% ../nbs/40_stats.ipynb #0a07aebe
 def auc_score(y,  # 0/1 labels
               prob,  # scores, higher = more likely positive
              ) -> float:
@@ -68,6 +71,7 @@ def auc_score(y,  # 0/1 labels
     y = _as_labels(y); _need_classes(y)
     return float(roc_auc_score(y, _as_scores(prob, len(y), 'prob')))
 
+# %% ../nbs/40_stats.ipynb #c19ab7ed
 def sens_spec(y,  # 0/1 labels
               prob,  # probabilities
               threshold: float = 0.5,  # positive when `prob >= threshold`
@@ -85,6 +89,7 @@ def _sorted_midranks(xs: np.ndarray) -> np.ndarray:
     edges = np.flatnonzero(new)  # start of each run of equal values, then len(xs)
     return np.repeat((edges[:-1] + edges[1:] + 1) / 2, np.diff(edges))
 
+# %% ../nbs/40_stats.ipynb #6a425127
 def midrank(x) -> np.ndarray:
     "Midranks of `x` (1-based; tied values share the mean of their ranks), in O(N log N)."
     x = np.asarray(x, dtype=float); o = np.argsort(x)
@@ -102,6 +107,7 @@ def _placements(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v[o[~pos]] = 1 - (z[~pos] - _sorted_midranks(ss[~pos])) / m
     return v[y], v[~y]
 
+# %% ../nbs/40_stats.ipynb #f69ef03a
 def delong_placements(y,  # 0/1 labels
                       score,  # scores, higher = more likely positive
                      ) -> tuple[float, np.ndarray, np.ndarray]:
@@ -110,6 +116,7 @@ def delong_placements(y,  # 0/1 labels
     v10, v01 = _placements(y, _as_scores(score, len(y), 'score'))
     return float(v10.mean()), v10, v01
 
+# %% ../nbs/40_stats.ipynb #2c009ada
 def delong_pairwise(y,  # 0/1 labels
                     score,  # scores
                     chunk: int = 2**22,  # comparisons held in memory at once
@@ -130,6 +137,15 @@ def _check_scores(y, scores: dict, k: int = 2) -> tuple[np.ndarray, list]:
     y = _as_labels(y); _need_classes(y, k)
     return y, [_as_scores(s, len(y), name) for name, s in scores.items()]
 
+# %% ../nbs/40_stats.ipynb #c11c2906
+def _moments(y: np.ndarray, ss: list) -> tuple[np.ndarray, np.ndarray]:
+    "AUCs and DeLong covariance matrix of checked labels and score arrays."
+    pl = [_placements(y, s) for s in ss]
+    v10, v01 = np.stack([p[0] for p in pl]), np.stack([p[1] for p in pl])
+    S = np.atleast_2d(np.cov(v10)) / v10.shape[1] + np.atleast_2d(np.cov(v01)) / v01.shape[1]
+    return v10.mean(1), S
+
+# %% ../nbs/40_stats.ipynb #63fd91e5
 def delong_moments(y,  # 0/1 labels
                    *scores,  # one or more score arrays on the same cases
                   ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,18 +153,14 @@ def delong_moments(y,  # 0/1 labels
     y, ss = _check_scores(y, {f'scores[{i}]': s for i, s in enumerate(scores)})
     return _moments(y, ss)
 
-def _moments(y: np.ndarray, ss: list) -> tuple[np.ndarray, np.ndarray]:
-    pl = [_placements(y, s) for s in ss]
-    v10, v01 = np.stack([p[0] for p in pl]), np.stack([p[1] for p in pl])
-    S = np.atleast_2d(np.cov(v10)) / v10.shape[1] + np.atleast_2d(np.cov(v01)) / v01.shape[1]
-    return v10.mean(1), S
-
+# %% ../nbs/40_stats.ipynb #29a1bb42
 def delong_var(y,  # 0/1 labels
                score,  # scores
               ) -> float:
     "DeLong variance of the AUC (= pROC `var(roc, method = 'delong')`)."
     return float(delong_moments(y, score)[1][0, 0])
 
+# %% ../nbs/40_stats.ipynb #b181ee35
 def delong_cov(y,  # 0/1 labels
                score_a,  # scores of model A
                score_b,  # scores of model B, on the same cases
@@ -156,6 +168,7 @@ def delong_cov(y,  # 0/1 labels
     "DeLong covariance of two paired AUCs (= pROC `cov(roc1, roc2, method = 'delong')`)."
     return float(delong_moments(y, score_a, score_b)[1][0, 1])
 
+# %% ../nbs/40_stats.ipynb #99e8c889
 def delong_ci(y,  # 0/1 labels
               score,  # scores
               conf: float = 0.95,  # confidence level
@@ -178,9 +191,12 @@ class DeLongResult:
     alternative: str; paired: bool
     df: float | None = None  # degrees of freedom of the unpaired t reference
 
+# %% ../nbs/40_stats.ipynb #e893274e
 _ALT = {'two-sided': 'two-sided', 'two.sided': 'two-sided', 'greater': 'greater', 'less': 'less'}
 
+# %% ../nbs/40_stats.ipynb #b0927c44
 def _p_value(stat: float, alternative: str, dist) -> float:
+    "p-value of statistic `stat` under distribution `dist` (a scipy.stats one) for the given alternative."
     if alternative == 'two-sided': return float(2 * dist.sf(abs(stat)))
     return float(dist.sf(stat) if alternative == 'greater' else dist.cdf(stat))
 
@@ -226,6 +242,7 @@ def proc_available() -> bool:
     try: return subprocess.run([exe, '-e', 'suppressMessages(library(pROC))'], capture_output=True, timeout=120).returncode == 0
     except (OSError, subprocess.TimeoutExpired): return False
 
+# %% ../nbs/40_stats.ipynb #9bd459a0
 _PROC_R = r'''
 suppressMessages(library(pROC))
 args <- commandArgs(TRUE); root <- args[1]; conf <- as.numeric(args[2]); reps <- as.integer(args[3])
@@ -256,9 +273,13 @@ for (d in list.dirs(root, recursive = FALSE)) {
 '''
 
 # %% ../nbs/40_stats.ipynb #adc96805
-def _write_f64(path: Path, x): np.ascontiguousarray(x, dtype='<f8').tofile(path)
+def _write_f64(path: Path, x):
+    "Write `x` as raw little-endian float64 (exact, no decimal round trip)."
+    np.ascontiguousarray(x, dtype='<f8').tofile(path)
 
+# %% ../nbs/40_stats.ipynb #64410af5
 def _parse_proc(text: str, names: list) -> dict:
+    "pROC's numbers by dataset name from the R script's lines `d<i> <key> <values>` (NA as NaN)."
     res = {n: {} for n in names}
     for line in text.splitlines():
         f = line.split()
@@ -267,6 +288,7 @@ def _parse_proc(text: str, names: list) -> dict:
         res[names[int(f[0][1:])]][f[1]] = v[0] if len(v) == 1 else tuple(v)
     return res
 
+# %% ../nbs/40_stats.ipynb #9ec0dec1
 def run_pROC(datasets: dict,  # name -> dict(y=labels, a=scores, b=scores or None, y_b=labels for an unpaired b)
              conf: float = 0.95,  # confidence level of the CIs
              time_reps: int = 0,  # > 0: also time roc + roc + roc.test inside R (best of this many runs)
@@ -317,8 +339,10 @@ def _boot_auc(I: np.ndarray, y: np.ndarray, codes: np.ndarray, K: int, m: int | 
         with np.errstate(invalid='ignore', divide='ignore'): out[s:s + step] = np.where((mm > 0) & (nn > 0), u2 / (2 * mm * nn), np.nan)
     return out
 
+# %% ../nbs/40_stats.ipynb #a55e5e7c
 _METRICS = ('auc', 'sensitivity', 'specificity', 'accuracy')
 
+# %% ../nbs/40_stats.ipynb #f0040433
 def bootstrap_reps(y,  # 0/1 labels
                    prob,  # scores / probabilities
                    metric: str | Callable = 'auc',  # 'auc', 'sensitivity', 'specificity', 'accuracy' or f(y, prob) -> float
@@ -341,7 +365,9 @@ def bootstrap_reps(y,  # 0/1 labels
         if metric == 'specificity': return (~P & ~Y).sum(1) / (~Y).sum(1)
         return (P == Y).mean(1)
 
+# %% ../nbs/40_stats.ipynb #d70f964a
 def _metric(y: np.ndarray, p: np.ndarray, metric, threshold: float) -> float:
+    "`metric` on all cases: the point estimate of `bootstrap_ci`."
     if callable(metric): return float(metric(y.astype(int), p))
     if metric == 'auc': return auc_score(y, p)
     se, sp = sens_spec(y, p, threshold)
@@ -388,6 +414,7 @@ def _wide_preds(preds) -> tuple[pd.DataFrame, pd.Series | None]:
     w.columns = w.columns.set_names(['regime', 'model'])
     return w, y
 
+# %% ../nbs/40_stats.ipynb #0227243a
 def _align_y(y, w: pd.DataFrame, y_long) -> pd.Series:
     "Labels as a 0/1 Series on the index of `w`."
     if y is None:
@@ -401,6 +428,7 @@ def _align_y(y, w: pd.DataFrame, y_long) -> pd.Series:
         raise ValueError(f"y has {len(np.asarray(y))} labels but preds has {len(w)} cases")
     return pd.Series(_as_labels(np.asarray(y)).astype(int), index=w.index, name='y')
 
+# %% ../nbs/40_stats.ipynb #01a0fb1a
 def _subset_masks(subsets, index: pd.Index) -> dict:
     "`{name: bool Series on index}` from masks or case-id lists."
     if subsets is None: return {'All cases': pd.Series(True, index=index)}
@@ -416,9 +444,27 @@ def _subset_masks(subsets, index: pd.Index) -> dict:
             out[name] = pd.Series(index.isin(ids), index=index)
     return out
 
-# %% ../nbs/40_stats.ipynb #cce35736
+# %% ../nbs/40_stats.ipynb #765862bb
 _TABLE_METRICS = {'AUC': 'auc', 'Sensitivity': 'sensitivity', 'Specificity': 'specificity'}
 
+# %% ../nbs/40_stats.ipynb #8f17002c
+def _eval_one(w, r, m, mask, yy, group, sname, by, reference, threshold, n_boot, seed, auc_ci) -> list:
+    "Rows of one model in one column group."
+    p = w[(r, m)][mask]
+    if p.isna().any(): raise ValueError(f"preds of model {m!r}{f' (regime {r!r})' if r else ''} lack {p.isna().sum()} case(s) of group {group!r}, e.g. {list(p.index[p.isna()][:3])}")
+    p = p.to_numpy(float); base = dict(group=group, regime=r, subset=sname, model=m, n_pos=int(yy.sum()), n_neg=int(len(yy) - yy.sum()))
+    rows = []
+    for label, met in _TABLE_METRICS.items():
+        ci = delong_ci(yy, p) if (met == 'auc' and auc_ci == 'delong') else bootstrap_ci(yy, p, met, n_boot, True, seed, threshold=threshold)
+        rows.append(dict(base, metric=label, value=ci.value, lo=ci.lo, hi=ci.hi, reference=False, p=np.nan, se=np.nan, diff=np.nan))
+    ref = None if by is None else (r, reference) if by == 'model' else (reference, m)
+    if ref == (r, m): rows[0]['reference'] = True
+    elif ref is not None:
+        t = delong_test(yy, w[ref][mask].to_numpy(float), p)
+        rows[0].update(p=t.p, se=t.se, diff=t.diff)
+    return rows
+
+# %% ../nbs/40_stats.ipynb #cce35736
 def evaluate_models(preds,  # {model: probs}, {regime: {model: probs}}, a wide DataFrame or a long one (case_id, model, prob[, regime][, y])
                     y=None,  # 0/1 labels: Series indexed by case id, array in row order, or None (long preds with y)
                     reference: str | None = None,  # model (Tables 3, 4) or regime (Table 2) to DeLong-test against
@@ -442,22 +488,6 @@ def evaluate_models(preds,  # {model: probs}, {regime: {model: probs}}, a wide D
             for m in models: rows += _eval_one(w, r, m, mask, yy, group, sname, by, reference, threshold, n_boot, seed, auc_ci)
     return pd.DataFrame(rows)
 
-def _eval_one(w, r, m, mask, yy, group, sname, by, reference, threshold, n_boot, seed, auc_ci) -> list:
-    "Rows of one model in one column group."
-    p = w[(r, m)][mask]
-    if p.isna().any(): raise ValueError(f"preds of model {m!r}{f' (regime {r!r})' if r else ''} lack {p.isna().sum()} case(s) of group {group!r}, e.g. {list(p.index[p.isna()][:3])}")
-    p = p.to_numpy(float); base = dict(group=group, regime=r, subset=sname, model=m, n_pos=int(yy.sum()), n_neg=int(len(yy) - yy.sum()))
-    rows = []
-    for label, met in _TABLE_METRICS.items():
-        ci = delong_ci(yy, p) if (met == 'auc' and auc_ci == 'delong') else bootstrap_ci(yy, p, met, n_boot, True, seed, threshold=threshold)
-        rows.append(dict(base, metric=label, value=ci.value, lo=ci.lo, hi=ci.hi, reference=False, p=np.nan, se=np.nan, diff=np.nan))
-    ref = None if by is None else (r, reference) if by == 'model' else (reference, m)
-    if ref == (r, m): rows[0]['reference'] = True
-    elif ref is not None:
-        t = delong_test(yy, w[ref][mask].to_numpy(float), p)
-        rows[0].update(p=t.p, se=t.se, diff=t.diff)
-    return rows
-
 # %% ../nbs/40_stats.ipynb #e5b59735
 def fmt_p(p: float,  # p-value
           se: float | None = None,  # standard error shown after a star, as in the paper
@@ -467,8 +497,10 @@ def fmt_p(p: float,  # p-value
     s = f"p < {10**-digits:.{digits}f}" if p < 10**-digits else f"p = {p:.{digits}f}"
     return s if se is None or np.isnan(se) else f"{s} (*{se:.{digits}f})"
 
+# %% ../nbs/40_stats.ipynb #bd152902
 P_ROW = 'P for AUC difference'
 
+# %% ../nbs/40_stats.ipynb #d2255ab0
 def format_table(results: pd.DataFrame,  # output of `evaluate_models`
                  digits: int = 3,  # decimals of values and CIs
                  sep: str = '-',  # between CI bounds
@@ -487,6 +519,7 @@ def format_table(results: pd.DataFrame,  # output of `evaluate_models`
                                   if c == 'AUC' else '' for g, c in cols], index=cols, name=P_ROW))
     return pd.DataFrame(out)
 
+# %% ../nbs/40_stats.ipynb #71b3b2e6
 def paper_table(preds,  # {model: probs}, {regime: {model: probs}}, a wide DataFrame or a long one (see above)
                 y=None,  # 0/1 labels: Series indexed by case id, array in row order, or None (long preds with y)
                 reference: str | None = None,  # model (Tables 3, 4) or regime (Table 2) to DeLong-test against
@@ -515,13 +548,14 @@ def to_markdown(df: pd.DataFrame,  # e.g. a `paper_table`
         lines.append('| ' + ' | '.join(([esc(lab)] if index else []) + [esc(v) for v in row]) + ' |')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/40_stats.ipynb #dd3eb329
 def save_table(df: pd.DataFrame,  # table to save
                path,  # file name; `.csv` and `.md` are written next to each other
               ) -> tuple[Path, Path]:
-    "Write `df` as CSV and Markdown (atomically); returns both paths."
+    "Write `df` as CSV and Markdown (atomically; a note in `df.attrs['note']` follows the Markdown table); returns both paths."
     path = Path(path); csv, md = path.with_suffix('.csv'), path.with_suffix('.md')
     with atomic_write(csv) as f: df.to_csv(f)
-    with atomic_write(md) as f: f.write(to_markdown(df))
+    with atomic_write(md) as f: f.write(to_markdown(df) + (f"\n{df.attrs['note']}\n" if df.attrs.get('note') else ''))
     return csv, md
 
 # %% ../nbs/40_stats.ipynb #64a4e6ce
@@ -560,11 +594,13 @@ def difficult_cases(y,  # 0/1 labels (array or Series)
     hard = np.where(yb, p <= pos_max, p >= neg_min)
     return pd.Series(hard, index=y.index, name='difficult') if isinstance(y, pd.Series) else hard
 
+# %% ../nbs/40_stats.ipynb #74fe4374
 def not_unanimous(labels: pd.DataFrame,  # cases x annotators, 0/1 (NaN = not rated)
                  ) -> pd.Series:
     "Cases whose annotators did not all give the same label (difficult for humans)."
     return labels.nunique(axis=1, dropna=True) > 1
 
+# %% ../nbs/40_stats.ipynb #7f94ab84
 def _reader_table(labels) -> pd.DataFrame:
     lab = pd.DataFrame(labels)
     vals = lab.to_numpy(float)
@@ -587,6 +623,7 @@ def reader_metrics(labels: pd.DataFrame,  # cases x readers, 0/1 (NaN = not read
                        accuracy=(l == tt).mean() if ok.any() else np.nan, n=int(ok.sum()))
     return pd.DataFrame(rows).T.astype({'n': int}).rename_axis('reader')
 
+# %% ../nbs/40_stats.ipynb #01c21dcb
 def fleiss_kappa(labels: pd.DataFrame,  # cases x readers, every cell rated (categories any hashable)
                 ) -> float:
     "Fleiss' kappa of the readers' agreement (statsmodels `aggregate_raters` + `fleiss_kappa`)."
@@ -595,6 +632,7 @@ def fleiss_kappa(labels: pd.DataFrame,  # cases x readers, every cell rated (cat
     if a.isna().any().any(): raise ValueError(f"fleiss_kappa needs every case rated by every reader; {int(a.isna().sum().sum())} cell(s) are NaN")
     return float(_fk(aggregate_raters(a.to_numpy())[0], method='fleiss'))
 
+# %% ../nbs/40_stats.ipynb #1d8ce98c
 def consensus_relabel(truth,  # 0/1 ground truth (Series indexed like `reader_labels`, or array)
                       reader_labels: pd.DataFrame,  # cases x readers, 0/1 (NaN = not read)
                       min_agree: int = 4,  # readers that must contradict the truth to flip it (paper: 4 of 6)

@@ -9,12 +9,16 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
+from .explore import RUN_FORMAT  # the run-folder layout `load_run` reads
+
 
 # %% auto #0
-__all__ = ['PAPER_NETWORKS', 'PRESETS', 'EXTERNAL_SCANNER', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO', 'STAGES', 'StudyConfig',
-           'make_config', 'StageRunner', 'package_versions', 'md_to_html', 'cohort_path', 'stage_cohorts',
-           'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds', 'stage_evaluate', 'stage_review',
-           'pack_models', 'load_model_package', 'write_report', 'stage_report', 'run_study', 'main']
+__all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'EXTERNAL_SCANNER', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO',
+           'STAGES', 'StudyConfig', 'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html',
+           'cohort_path', 'stage_cohorts', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds',
+           'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review', 'pack_models', 'load_model_package',
+           'write_report', 'stage_report', 'training_seed', 'seed_runs', 'model_columns', 'run_metrics',
+           'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds', 'run_study', 'main']
 
 # %% ../nbs/50_study.ipynb #00db3105
 @dataclass
@@ -22,7 +26,12 @@ class StudyConfig:
     "Everything that defines a study run (saved as `config.json` in the run folder)."
     preset: str = 'demo'
     out: str = 'runs/demo'  # run folder: cohorts, checkpoints, predictions, report
-    seed: int = 42
+    seed: int = 42  # seed of the synthetic cohorts and, unless `train_seed` is set, of training
+    train_seed: int | None = None  # seed of splits, sampling and weight initialisation (default: `seed`)
+    seeds: int = 1  # training seeds: N > 1 also trains seeds seed+1 .. seed+N-1 on the same cohorts (mean and range)
+    cohort_a: str = 'synthetic'  # 'synthetic' or the folder of an imported cohort (`ich_nb_import`): weak labels
+    cohort_b: str = 'synthetic'  # likewise, the cohort with masks
+    external: str = 'synthetic'  # likewise, the external test cohort
     size: int = 128  # in-plane image size fed to the networks
     n_train_a: int = 60  # cases of the "RSNA-like" cohort (hospital A, weak labels)
     n_train_b: int = 80  # cases of the "AI-Hub" cohort (hospital B, masks available)
@@ -65,7 +74,45 @@ def make_config(preset: str = 'demo', **overrides) -> StudyConfig:
     if 'networks' in kw and isinstance(kw['networks'], str): kw['networks'] = tuple(kw['networks'].split(','))
     return StudyConfig(preset=preset, **kw)
 
+# %% ../nbs/50_study.ipynb #20136ea6
+def package_versions() -> dict:
+    "Versions of Python, the platform and the packages that shape the results."
+    from importlib.metadata import version, PackageNotFoundError
+    out = dict(python=platform.python_version(), platform=platform.platform())
+    for p in ['ich_nb', 'torch', 'torchvision', 'fastai', 'fastcore', 'timm', 'numpy', 'scipy', 'pandas',
+              'scikit-learn', 'statsmodels', 'pydicom', 'nibabel', 'matplotlib']:
+        try: out[p] = version(p)
+        except PackageNotFoundError: out[p] = None
+    try:
+        import torch; out['cuda'] = torch.version.cuda if torch.cuda.is_available() else None
+        out['torch_threads'] = torch.get_num_threads()
+    except ImportError: pass
+    return out
+
+# %% ../nbs/50_study.ipynb #c6781301
+def _cpu_model() -> str:
+    "The CPU's model name (Linux `/proc/cpuinfo`, else `platform.processor()`)."
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'): return line.split(':', 1)[1].strip()
+    except OSError: pass
+    return platform.processor() or platform.machine()
+
+# %% ../nbs/50_study.ipynb #a21b58fc
+def machine_info() -> dict:
+    "CPU model, vector extensions, cores and threads, accelerator and package versions: what makes results differ between machines."
+    import torch
+    flags = ''
+    try: flags = next(l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith('flags'))
+    except (OSError, StopIteration): pass
+    simd = [f for f in ('avx', 'avx2', 'fma', 'avx512f', 'avx512_bf16', 'amx_bf16', 'asimd', 'sve') if f' {f} ' in f' {flags} ']
+    return {**package_versions(), 'cpu': _cpu_model(), 'simd': simd, 'logical_cpus': os.cpu_count(),
+            'torch_threads': torch.get_num_threads(), 'mkldnn': bool(torch.backends.mkldnn.is_available()),
+            'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
 # %% ../nbs/50_study.ipynb #0f0bcbf4
+RUN_ONLY_FIELDS = ('device', 'seeds')  # fields that do not change what a run folder holds: a rerun may change them
+
 class StageRunner:
     "Run named stages once per run folder, recording wall times; skip stages already done."
     def __init__(self, out, config: StudyConfig | None = None, log=print):
@@ -82,10 +129,15 @@ class StageRunner:
             old = json.loads(p.read_text())
             dflt = json.loads(json.dumps(asdict(StudyConfig())))  # a field added since that run: it ran with the default
             old = {k: old.get(k, dflt.get(k)) for k in cur}
-            diff = {k: (old[k], v) for k, v in cur.items() if old[k] != v and k != 'device'}
+            diff = {k: (old[k], v) for k, v in cur.items() if old[k] != v and k not in RUN_ONLY_FIELDS}
             if diff: raise ValueError(f'{p}: this run folder was made with another configuration {diff}; use a new --out')
         else:
-            with atomic_write(p) as f: json.dump(cur, f, indent=1)
+            with atomic_write(p) as f: json.dump({**cur, 'run_format': RUN_FORMAT, 'environment': machine_info()}, f, indent=1)
+
+    def rerun(self, name: str, fn, *args, **kwargs):
+        "Run stage `name` even if it ran before (cheap stages whose inputs can grow: the report, the tables across seeds)."
+        (self.marks / f'{name}.json').unlink(missing_ok=True)
+        return self(name, fn, *args, **kwargs)
 
     def done(self, name: str) -> bool: return (self.marks / f'{name}.json').exists()
 
@@ -103,21 +155,6 @@ class StageRunner:
         self.times[name] = rec['seconds']
         self.log(f'[done] {name} in {rec["seconds"]:.1f} s')
         return rec
-
-# %% ../nbs/50_study.ipynb #20136ea6
-def package_versions() -> dict:
-    "Versions of Python, the platform and the packages that shape the results."
-    from importlib.metadata import version, PackageNotFoundError
-    out = dict(python=platform.python_version(), platform=platform.platform())
-    for p in ['ich_nb', 'torch', 'torchvision', 'fastai', 'fastcore', 'timm', 'numpy', 'scipy', 'pandas',
-              'scikit-learn', 'statsmodels', 'pydicom', 'nibabel', 'matplotlib']:
-        try: out[p] = version(p)
-        except PackageNotFoundError: out[p] = None
-    try:
-        import torch; out['cuda'] = torch.version.cuda if torch.cuda.is_available() else None
-        out['torch_threads'] = torch.get_num_threads()
-    except ImportError: pass
-    return out
 
 # %% ../nbs/50_study.ipynb #bdc61195
 def md_to_html(md: str, base: Path, title: str = 'ich_nb study report') -> str:
@@ -137,25 +174,30 @@ def md_to_html(md: str, base: Path, title: str = 'ich_nb study report') -> str:
 # %% ../nbs/50_study.ipynb #b70c93e1
 EXTERNAL_SCANNER = dict(name='C', noise_hu=(4., 7.), blur_mm=0.6, kernel='H30s', kvp=120, n_slices=(24, 38),
                         fov_mm=(210., 245.), streaks=1.3, hu_offset=-2., holder=True, manufacturer='ich_nb synthetic C')
-COHORTS = dict(A=dict(scanner='A', seed_offset=0), B=dict(scanner='B', seed_offset=1),
-               external=dict(scanner=EXTERNAL_SCANNER, seed_offset=2))
+COHORTS = dict(A=dict(scanner='A', seed_offset=0, field='cohort_a'), B=dict(scanner='B', seed_offset=1, field='cohort_b'),
+               external=dict(scanner=EXTERNAL_SCANNER, seed_offset=2, field='external'))
 
+# %% ../nbs/50_study.ipynb #5cae1512
 def cohort_path(cfg: StudyConfig, name: str) -> Path:
-    "Folder of cohort `name` ('A', 'B' or 'external') of a run."
-    return Path(cfg.out) / 'cohorts' / name
+    "Folder of cohort `name` ('A', 'B' or 'external'): the run's synthetic cohort, or the imported folder the config names."
+    src = getattr(cfg, COHORTS[name]['field'])
+    return Path(cfg.out) / 'cohorts' / name if src == 'synthetic' else Path(src)
 
+# %% ../nbs/50_study.ipynb #87dc3a0b
 def stage_cohorts(cfg: StudyConfig) -> dict:
-    "Write (or resume) the three cohorts and warm their pre-processing caches."
+    "Write (or resume) the synthetic cohorts, check the imported ones, and warm every pre-processing cache."
     from ich_nb.synth import make_cohort
     from ich_nb.data import load_cohort, precompute
     n = dict(A=cfg.n_train_a, B=cfg.n_train_b, external=cfg.n_external)
     info = {}
     for name, spec in COHORTS.items():
-        p = make_cohort(n[name], cohort_path(cfg, name), seed=cfg.seed * 10 + spec['seed_offset'], size=cfg.size,
-                        scanner=spec['scanner'], prefix='X' if name == 'external' else name, n_workers=cfg.workers)
+        p = cohort_path(cfg, name)
+        if getattr(cfg, spec['field']) == 'synthetic':
+            make_cohort(n[name], p, seed=cfg.seed * 10 + spec['seed_offset'], size=cfg.size, scanner=spec['scanner'],
+                        prefix='X' if name == 'external' else name, n_workers=cfg.workers)
         c = load_cohort(p)
         precompute(c, cfg.size, n_workers=cfg.workers)
-        info[name] = dict(cases=len(c), ich=int(c.cases['any'].sum()), slices=len(c.slices))
+        info[name] = dict(path=str(p), cases=len(c), ich=int(c.cases['any'].sum()), slices=len(c.slices), masks=bool(c.has_masks))
     return info
 
 # %% ../nbs/50_study.ipynb #85df8081
@@ -166,7 +208,7 @@ def stage_classifiers(cfg: StudyConfig) -> dict:
     src = dict(rsna_like=load_cohort(cohort_path(cfg, 'A')), aihub=load_cohort(cohort_path(cfg, 'B')))
     scores = run_regimes(src, load_cohort(cohort_path(cfg, 'external')), archs=list(cfg.networks),
                          path=Path(cfg.out) / 'classifiers', size=cfg.size, n_per_class=cfg.clf_slices // 2,
-                         epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, seed=cfg.seed, device=cfg.device)
+                         epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, seed=training_seed(cfg), device=cfg.device)
     for f in (Path(cfg.out) / 'classifiers' / 'models').glob('*_[0-9]*.pth'):  # per-epoch resume checkpoints
         if re.fullmatch(r'.+_\d+\.pth', f.name) and f.with_name(re.sub(r'_\d+\.pth$', '.pth', f.name)).exists(): f.unlink()
     return dict(models=int(scores.groupby(['model', 'regime']).ngroups), cases=int(scores['case_id'].nunique()))
@@ -182,11 +224,11 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     base = {k: train_base_model(k, B, path, size=cfg.size, epochs=cfg.unet_epochs, bs=cfg.bs, lr=cfg.lr_unet,
                                 base=cfg.unet_base, depth=cfg.unet_depth, n_per_class=cfg.unet_slices // 2,
                                 pretrain_epochs=cfg.unet_pretrain_epochs,
-                                one_cycle=cfg.unet_one_cycle, bce_weight=cfg.unet_bce, seed=cfg.seed,
+                                one_cycle=cfg.unet_one_cycle, bce_weight=cfg.unet_bce, seed=training_seed(cfg),
                                 device=cfg.device).model for k in BASE_MODELS}
-    cache = prob_map_cache(base, B, cfg.size, cfg.unet_slices // 2, seed=cfg.seed, device=cfg.device)
+    cache = prob_map_cache(base, B, cfg.size, cfg.unet_slices // 2, seed=training_seed(cfg), device=cfg.device)
     weights = {c: train_weight_model(c, base, B, path, size=cfg.size, cache=cache, epochs=cfg.weight_epochs,
-                                     bs=cfg.bs, lr=cfg.lr_weight, seed=cfg.seed, device=cfg.device).model for c in COMBINATIONS}
+                                     bs=cfg.bs, lr=cfg.lr_weight, seed=training_seed(cfg), device=cfg.device).model for c in COMBINATIONS}
     preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device)
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
     return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()))
@@ -223,16 +265,14 @@ def table4_preds(pred: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame({k: pred.set_index('case_id')[v] for k, v in cols.items()})
 
 # %% ../nbs/50_study.ipynb #ad041ee5
-def stage_evaluate(cfg: StudyConfig) -> dict:
-    "Tables 2-4 (CSV + Markdown), Figure 4 and the supporting figures, per-case predictions."
-    import matplotlib; matplotlib.use('Agg')
+def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
+    "Tables 2-4 (CSV + Markdown), the strata table and Figure 4 of a run; returns the per-case predictions."
     import matplotlib.pyplot as plt
-    from ich_nb.data import load_cohort
+    from ich_nb.data import cohort_strata
     from ich_nb.stats import paper_table, save_table, plot_roc
-    from ich_nb.classifiers import table2, roc_figure, load_regime_models, example_slices, saliency_figure, localisation_table, REGIMES
-    from ich_nb.ensemble import combination_table, plot_volumes, volume_agreement
+    from ich_nb.classifiers import table2, roc_figure
+    from ich_nb.ensemble import combination_table
     out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'; fdir.mkdir(parents=True, exist_ok=True)
-    ext = load_cohort(cohort_path(cfg, 'external'))
     pred = case_predictions(cfg)
     atomic_save(out / 'predictions.csv', lambda f: pred.to_csv(f, index=False))
     kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
@@ -240,10 +280,22 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
     save_table(table2(clf, **kw), tdir / 'table2'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     save_table(combination_table(ens[ens['model'].str.startswith('Ensemble')], ext.cases, **kw), tdir / 'table3')
+    save_table(cohort_strata(ext), tdir / 'strata')
     w = table4_preds(pred, cfg); y = pred.set_index('case_id').loc[w.index, 'y']
     save_table(paper_table(w, y, reference='Weighted ensemble', **kw), tdir / 'table4')
     plt.close(plot_roc(y.to_numpy(), {k: w[k].to_numpy() for k in w}, fname=fdir / 'figure4_roc.png',
                        title=f'External cohort: weighted ensemble vs {_n_networks(cfg)}'))
+    return pred
+
+# %% ../nbs/50_study.ipynb #e2a092d3
+def evaluate_masks(cfg: StudyConfig, ext) -> dict:
+    "What needs the external cohort's masks: lesion volumes (figure, agreement) and the classifiers' saliency and localisation."
+    import matplotlib.pyplot as plt
+    from ich_nb.stats import save_table
+    from ich_nb.classifiers import load_regime_models, example_slices, saliency_figure, localisation_table, REGIMES
+    from ich_nb.ensemble import plot_volumes, volume_agreement
+    out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'
+    ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     fin = ens[(ens['combo'] == FINAL_COMBO) & (ens['y'] == 1)]
     fig = plot_volumes(fin['vol_true_ml'], fin['vol_pred_ml'], title='Ensemble (models 1-5), ICH cases')
     atomic_save(fdir / 'volumes.png', lambda f: fig.savefig(f, dpi=120, bbox_inches='tight')); plt.close(fig)
@@ -252,25 +304,35 @@ def stage_evaluate(cfg: StudyConfig) -> dict:
     models = {REGIMES[r]['title']: m for r, m in load_regime_models(out / 'classifiers', net).items()}
     x, m, _ = example_slices(ext, n=4, size=cfg.size, seed=cfg.seed)
     plt.close(saliency_figure(models, x, m, fname=fdir / 'saliency.png'))
-    loc = localisation_table(models, ext, size=cfg.size)
-    save_table(loc.round(3), tdir / 'localisation')
-    return dict(cases=len(pred), volume_agreement={k: float(v) for k, v in vol.items()}, saliency_net=net)
+    save_table(localisation_table(models, ext, size=cfg.size).round(3), tdir / 'localisation')
+    return dict(volume_agreement={k: float(v) for k, v in vol.items()}, saliency_net=net)
+
+# %% ../nbs/50_study.ipynb #4f715305
+def stage_evaluate(cfg: StudyConfig) -> dict:
+    "Tables 2-4, Figure 4, and (when the external cohort has masks) volumes, saliency and localisation."
+    from ich_nb.data import load_cohort
+    ext = load_cohort(cohort_path(cfg, 'external'))
+    pred = evaluate_tables(cfg, ext)
+    info = dict(cases=len(pred), masks=bool(ext.has_masks))
+    return {**info, **evaluate_masks(cfg, ext)} if ext.has_masks else info
 
 # %% ../nbs/50_study.ipynb #85ab4cef
 def stage_review(cfg: StudyConfig) -> dict:
-    "Difficult cases of the final ensemble, a blank reader sheet, and the review with simulated readers."
-    import matplotlib; matplotlib.use('Agg')
+    "Difficult cases of the final ensemble (and of the original readers, when the cohort has them), a blank reader sheet, and the review with simulated readers."
     import matplotlib.pyplot as plt
+    from ich_nb.data import load_cohort, reader_matrix
     from ich_nb.review import select_difficult, reader_sheet, simulate_readers, review_readers, reevaluate, plot_review
     from ich_nb.stats import save_table
-    out = Path(cfg.out); rdir = out / 'review'; rdir.mkdir(parents=True, exist_ok=True)
-    pred = pd.read_csv(out / 'predictions.csv', dtype={'case_id': str})
     from ich_nb.ensemble import COMBO_NAMES
+    out = Path(cfg.out); rdir = out / 'review'; rdir.mkdir(parents=True, exist_ok=True)
+    ext = load_cohort(cohort_path(cfg, 'external'))
+    pred = pd.read_csv(out / 'predictions.csv', dtype={'case_id': str})
     p = pred[['case_id', 'y']].assign(prob=pred[COMBO_NAMES[FINAL_COMBO]])
+    readers = reader_matrix(ext) if (ext.path / 'readers.csv').is_file() else None  # CQ500: its three readers
     with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # no annotator matrix on synthetic data: no case is difficult for humans
-        sel = select_difficult(p)
-    hard = sel[sel['difficult_ai']]
+        warnings.simplefilter('ignore')  # synthetic data has no annotator matrix: no case is difficult for humans
+        hard = select_difficult(p, annotators=readers)
+    save_table(hard.set_index('case_id'), rdir / 'difficult')
     if len(hard) == 0: return dict(difficult=0)
     if not (rdir / 'reader_sheet.csv').exists(): reader_sheet(hard, readers=6, path=rdir / 'reader_sheet.csv', seed=cfg.seed)
     sim = simulate_readers(hard.set_index('case_id')['y'], np.ones(len(hard)), n_readers=6, seed=cfg.seed)
@@ -279,7 +341,8 @@ def stage_review(cfg: StudyConfig) -> dict:
     save_table(reevaluate(p, rv, name='Weighted ensemble', n_boot=cfg.n_boot, seed=cfg.seed), rdir / 'simulated_reevaluation')
     plt.close(plot_review(rv, p, fname=out / 'figures' / 'review_simulated.png'))
     with atomic_write(rdir / 'simulated_summary.txt') as f: f.write(rv.summary() + '\n')
-    return dict(difficult=int(len(hard)), changed=int(len(rv.changes)), kappa=float(rv.kappa['kappa'].iloc[0]))
+    return dict(difficult=int(len(hard)), difficult_humans=int(hard['difficult_human'].sum()),
+                changed=int(len(rv.changes)), kappa=float(rv.kappa['kappa'].iloc[0]))
 
 # %% ../nbs/50_study.ipynb #c4f88299
 def pack_models(cfg: StudyConfig) -> Path:
@@ -315,6 +378,34 @@ def load_model_package(path, device='cpu') -> dict:
 # %% ../nbs/50_study.ipynb #1d9d9491
 def _md_file(p: Path) -> str: return p.read_text() if p.exists() else f'*({p.name} missing)*'
 
+def _localisation_section(out: Path) -> str:
+    "Localisation and saliency of the classifiers (only when the external cohort has masks)."
+    if not (out / 'tables' / 'localisation.md').exists():
+        return 'Localisation and saliency need masks of the external cohort; this one has none.\n'
+    return (f"Localisation of the class activation maps on the external ICH slices:\n\n{_md_file(out / 'tables' / 'localisation.md')}"
+            "\n\n![Saliency: weak vs strong CAMs beside the true mask](figures/saliency.png)\n")
+
+def _strata_section(t: Path) -> str:
+    "Which Table 3 strata the external cohort supports, and why not where it does not."
+    if not (t / 'strata.csv').exists(): return ''
+    s = pd.read_csv(t / 'strata.csv', index_col=0).fillna('')
+    gone = s[~s['available'].astype(bool)]
+    return '' if gone.empty else 'Strata this external cohort cannot provide (left out of Table 3, not invented):\n\n' + \
+        '\n'.join(f'- {k}: {r.reason}' for k, r in gone.iterrows()) + '\n'
+
+def _volume_section(out: Path) -> str:
+    "Predicted vs true lesion volumes (only when the external cohort has masks)."
+    if not (out / 'figures' / 'volumes.png').exists(): return ''
+    return '## Lesion volume (combined mask vs truth)\n\n![Volumes](figures/volumes.png)\n\n'
+
+def _seeds_section(cfg: StudyConfig, t: Path) -> str:
+    "The report's section across training seeds (empty for a single-seed run)."
+    if cfg.seeds < 2 or not (t / 'robustness_metrics.md').exists(): return ''
+    return (f"## Across {cfg.seeds} training seeds\n\nMean (min-max) over training seeds {training_seed(cfg)}.."
+            f"{training_seed(cfg) + cfg.seeds - 1} on the same cohorts:\n\n{_md_file(t / 'robustness_metrics.md')}\n\n"
+            f"DeLong comparisons of the paper's tables: AUC difference (model - reference) and in how many runs it was "
+            f"significantly higher or lower (p < 0.05):\n\n{_md_file(t / 'robustness_comparisons.md')}\n\n")
+
 def write_report(cfg: StudyConfig, times: dict) -> Path:
     "Write `report.md` and the self-contained `report.html` of a finished run."
     out = Path(cfg.out); t = out / 'tables'
@@ -334,15 +425,12 @@ numbers show the pipeline, not clinical performance.
 
 ![ROC per network and regime](figures/table2_roc.png)
 
-Localisation of the class activation maps on the external ICH slices (IoU at 0.5, pointing game):
-
-{_md_file(t / 'localisation.md')}
-
-![Saliency: weak vs strong CAMs beside the true mask](figures/saliency.png)
-
+{_localisation_section(out)}
 ## Table 3: ensemble combinations
 
 {_md_file(t / 'table3.md')}
+
+{_strata_section(t)}
 
 ## Table 4: weighted ensemble vs {_n_networks(cfg)}
 
@@ -350,10 +438,7 @@ Localisation of the class activation maps on the external ICH slices (IoU at 0.5
 
 ![Figure 4](figures/figure4_roc.png)
 
-## Lesion volume (combined mask vs truth)
-
-![Volumes](figures/volumes.png)
-
+{_seeds_section(cfg, t)}{_volume_section(out)}
 ## Difficult-case review (SIMULATED readers)
 
 {rev.read_text() if rev.exists() else 'No difficult case.'}
@@ -380,27 +465,134 @@ def stage_report(cfg: StudyConfig, times: dict) -> dict:
     "Pack the models and write the report."
     return dict(models=str(pack_models(cfg)), report=str(write_report(cfg, times)))
 
+# %% ../nbs/50_study.ipynb #22ac0226
+def training_seed(cfg: StudyConfig) -> int:
+    "Seed of a run's training (splits, sampling, initial weights): `train_seed`, else `seed`."
+    return cfg.seed if cfg.train_seed is None else cfg.train_seed
+
+# %% ../nbs/50_study.ipynb #ddf38e50
+def seed_runs(cfg: StudyConfig) -> list:
+    "Configurations of the extra training seeds of `cfg`: the same cohorts, seeds `+1 .. +seeds-1`, in `seeds/seed_<s>/`."
+    from dataclasses import replace
+    s0, out = training_seed(cfg), Path(cfg.out)
+    cohorts = {spec['field']: str(cohort_path(cfg, name)) for name, spec in COHORTS.items()}
+    return [replace(cfg, out=str(out / 'seeds' / f'seed_{s0 + i}'), train_seed=s0 + i, seeds=1, **cohorts)
+            for i in range(1, cfg.seeds)]
+
+# %% ../nbs/50_study.ipynb #d899d514
+def model_columns(pred: pd.DataFrame) -> list:
+    "The model columns of a run's `predictions.csv`: ensembles, base models ('Model i') and classifiers ('Net | regime')."
+    return [c for c in pred.columns if c.startswith(('Ensemble ', 'Model ')) or ' | ' in c]
+
+# %% ../nbs/50_study.ipynb #3f8500e8
+def run_metrics(out, threshold: float = 0.5) -> pd.DataFrame:
+    "AUC, sensitivity and specificity at `threshold` of every model of a finished run, on each Table 3 subset."
+    from ich_nb.stats import auc_score, sens_spec
+    from ich_nb.ensemble import table3_subsets
+    pred = pd.read_csv(Path(out) / 'predictions.csv', dtype={'case_id': str}).set_index('case_id')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # a subset too small to evaluate is left out
+        subsets = table3_subsets(pred.rename(columns={'y': 'any'}).reset_index())
+    rows = []
+    for m in model_columns(pred.reset_index()):
+        for name, ids in subsets.items():
+            y, p = pred.loc[ids, 'y'].to_numpy(), pred.loc[ids, m].to_numpy()
+            se, sp = sens_spec(y, p, threshold)
+            rows.append(dict(model=m, subset=name, n_ich=int(y.sum()), n_normal=int((y == 0).sum()),
+                             auc=auc_score(y, p), sensitivity=se, specificity=sp))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/50_study.ipynb #33eca90e
+def paper_comparisons(pred: pd.DataFrame) -> list:
+    "`(table, subset, model, reference)` of the paper's AUC comparisons that a run's predictions hold."
+    cols = set(model_columns(pred)); nets = sorted({c.split(' | ')[0] for c in cols if ' | ' in c})
+    out = [('2', 'All', f'{n} | {r}', f'{n} | {ref}') for n in nets
+           for r, ref in (('aihub_weak', 'rsna_like'), ('aihub_strong', 'rsna_like'), ('aihub_strong', 'aihub_weak'))]
+    out += [('3', s, e, 'Ensemble basic') for s in ('All', 'SDH', 'SAH', 'Small lesions')
+            for e in ('Ensemble SDH', 'Ensemble SAH', 'Ensemble small lesions', 'Ensemble all')]
+    out += [('4', 'All', 'Ensemble all', f'{n} | aihub_strong') for n in nets]
+    return [c for c in out if c[2] in cols and c[3] in cols]
+
+# %% ../nbs/50_study.ipynb #58c8df53
+def run_comparisons(out) -> pd.DataFrame:
+    "DeLong test of each of `paper_comparisons` on a finished run: AUC difference (model - reference) and p."
+    from ich_nb.stats import delong_test
+    from ich_nb.ensemble import table3_subsets
+    pred = pd.read_csv(Path(out) / 'predictions.csv', dtype={'case_id': str}).set_index('case_id')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        subsets = table3_subsets(pred.rename(columns={'y': 'any'}).reset_index())
+    rows = []
+    for table, s, m, ref in paper_comparisons(pred.reset_index()):
+        if s not in subsets: continue
+        d = pred.loc[subsets[s]]
+        r = delong_test(d['y'].to_numpy(), d[m].to_numpy(), d[ref].to_numpy())
+        rows.append(dict(table=table, subset=s, model=m, reference=ref, diff=r.diff, p=r.p))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/50_study.ipynb #379de7c9
+def _span(v: pd.Series, digits: int = 3) -> str:
+    "'mean (min-max)' of a series of per-seed values."
+    return f'{v.mean():.{digits}f} ({v.min():.{digits}f}-{v.max():.{digits}f})'
+
+# %% ../nbs/50_study.ipynb #91ed2de1
+def robustness_tables(outs: dict) -> tuple:
+    "Mean and range over training seeds (`{seed: run folder}`) of every model's metrics, and DeLong outcomes per comparison."
+    m = pd.concat([run_metrics(o).assign(seed=s) for s, o in outs.items()], ignore_index=True)
+    c = pd.concat([run_comparisons(o).assign(seed=s) for s, o in outs.items()], ignore_index=True)
+    n = len(outs)
+    mt = m.groupby(['model', 'subset'], sort=False).agg(
+        n_ich=('n_ich', 'first'), n_normal=('n_normal', 'first'),
+        AUC=('auc', _span), Sensitivity=('sensitivity', _span), Specificity=('specificity', _span),
+        AUC_per_seed=('auc', lambda v: ' '.join(f'{x:.3f}' for x in v)))
+    ct = c.groupby(['table', 'subset', 'model', 'reference'], sort=False).agg(
+        AUC_difference=('diff', _span),
+        higher_p05=('p', lambda p: f"{int(((p < 0.05) & (c.loc[p.index, 'diff'] > 0)).sum())}/{n}"),
+        lower_p05=('p', lambda p: f"{int(((p < 0.05) & (c.loc[p.index, 'diff'] < 0)).sum())}/{n}"),
+        p_per_seed=('p', lambda v: ' '.join(f'{x:.3g}' for x in v)))
+    return mt, ct
+
 # %% ../nbs/50_study.ipynb #6d3ead98
 STAGES = dict(cohorts=stage_cohorts, classifiers=stage_classifiers, ensemble=stage_ensemble,
               evaluate=stage_evaluate, review=stage_review)
 
-def run_study(cfg: StudyConfig | None = None, **overrides) -> Path:
+# %% ../nbs/50_study.ipynb #f665d288
+def stage_seeds(cfg: StudyConfig, log=print) -> dict:
+    "Train the extra seeds of a run (each a resumable run of its own) and write the tables across seeds."
+    from ich_nb.stats import save_table
+    subs = seed_runs(cfg)
+    for j, sub in enumerate(subs):
+        log(f'training seed {sub.train_seed} ({j + 2} of {cfg.seeds}): {sub.out}')
+        run_study(sub, quiet=True)
+    outs = {training_seed(cfg): cfg.out, **{s.train_seed: s.out for s in subs}}
+    mt, ct = robustness_tables(outs)
+    tdir = Path(cfg.out) / 'tables'
+    save_table(mt, tdir / 'robustness_metrics'); save_table(ct, tdir / 'robustness_comparisons')
+    return dict(seeds=list(outs))
+
+# %% ../nbs/50_study.ipynb #bd0e3714
+def run_study(cfg: StudyConfig | None = None,
+              quiet: bool = False,  # log to `run.log` only (the extra seeds of a run)
+              **overrides) -> Path:
     "Run (or resume) the whole study; return the path of `report.md`."
+    import torch
     if cfg is not None and overrides: raise ValueError(f'run_study: give a StudyConfig or field overrides, not both (got {sorted(overrides)})')
     cfg = cfg or make_config(**overrides)
     out = Path(cfg.out); out.mkdir(parents=True, exist_ok=True)
     def log(msg):
         line = f'{time.strftime("%Y-%m-%d %H:%M:%S")} {msg}'
-        print(line, flush=True)
+        if not quiet: print(line, flush=True)
         with open(out / 'run.log', 'a') as f: f.write(line + '\n')
-    seed_everything(cfg.seed)
+    seed_everything(training_seed(cfg))
+    torch.use_deterministic_algorithms(True, warn_only=True)  # free on CPU; on CUDA it warns where no such kernel exists
     run = StageRunner(out, cfg, log)
-    log(f'ich_nb study, preset {cfg.preset!r}, run folder {out.resolve()}')
+    log(f'ich_nb study, preset {cfg.preset!r}, run folder {out.resolve()}, training seed {training_seed(cfg)}')
     t0 = time.perf_counter()
-    names = list(STAGES) + ['report']
+    names = list(STAGES) + (['seeds'] if cfg.seeds > 1 else []) + ['report']
     for i, name in enumerate(names):
         log(f'stage {i + 1}/{len(names)}: {name}')
-        if name == 'report': run(name, stage_report, cfg, dict(run.times))
+        if name == 'report': run.rerun(name, stage_report, cfg, dict(run.times))
+        elif name == 'seeds': run.rerun(name, stage_seeds, cfg, log)
         else: run(name, STAGES[name], cfg)
     log(f'finished in {time.perf_counter() - t0:.0f} s this session (stage times: {json.dumps(run.times)})')
     log(f'report: {(out / "report.html").resolve()}')

@@ -31,8 +31,9 @@ def window(hu,  # Hounsfield units: numpy array or torch tensor
     return np.clip(out, 0, 1, out=out)
 
 # %% ../nbs/02_windowing.ipynb #186d4e6d
-_INPLANE = np.zeros((3, 3, 3), bool); _INPLANE[1] = ndi.generate_binary_structure(2, 1)
+_INPLANE = np.zeros((3, 3, 3), bool); _INPLANE[1] = ndi.generate_binary_structure(2, 1)  # 4-connected within a slice
 
+# %% ../nbs/02_windowing.ipynb #81c086d2
 def _enclosed(fg: np.ndarray, inside_fg: bool) -> np.ndarray:
     "Per slice: pixels not connected (through background) to the in-plane border; `fg` itself counts as inside if `inside_fg`."
     lab, n = ndi.label(~fg, _INPLANE)
@@ -40,6 +41,7 @@ def _enclosed(fg: np.ndarray, inside_fg: bool) -> np.ndarray:
     outside = np.zeros(n + 1, bool); outside[edge] = True; outside[0] = not inside_fg
     return ~outside[lab]
 
+# %% ../nbs/02_windowing.ipynb #394a0ee4
 def skull_strip(hu: np.ndarray,  # HU volume `(S, H, W)` or one slice `(H, W)`
                 bone_hu: float = 300.,  # threshold for bone
                 soft: tuple = (-20., 120.),  # HU range kept inside the cavity
