@@ -9,48 +9,67 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor, as_completed
 import numpy as np, pandas as pd
+import scipy.fft as sfft
 from scipy import ndimage as ndi
 from fastcore.basics import patch
 from .core import ICH_SUBTYPES, LABEL_COLS, SUBTYPE_ABBR, SUBTYPE_CODE, SMALL_LESION_ML, atomic_write, atomic_save
 from .io import write_series
 from .windowing import skull_strip
 
-_f32 = np.float32  # all phantom arithmetic stays in float32
-
 # %% auto #0
-__all__ = ['SCANNERS', 'TISSUES', 'TISSUE_CODE', 'TEMPLATE', 'SUBTYPE_ML', 'ACUITY_HU', 'CONFOUNDERS', 'ACUITY_P', 'DEFAULT_MIX',
-           'Scanner', 'get_scanner', 'Head', 'draw_head', 'Grid', 'vault', 'floor_height', 'tentorium', 'Blob',
-           'smooth_field', 'Lesion', 'plan_lesion', 'paint_lesion', 'blur2d', 'gauss_noise', 'SynthCase',
-           'slice_labels', 'make_case', 'save_npz', 'case_plan', 'make_cohort', 'naive_score']
+__all__ = ['DEFAULT_MIX', 'SCANNERS', 'TISSUES', 'TISSUE_CODE', 'TEMPLATE', 'SUBTYPE_ML', 'ACUITY_HU', 'IPH_MAX_ML',
+           'MASS_EFFECT', 'VISIBLE', 'REF_PX', 'MU_WATER', 'W_REF', 'CONFOUNDERS', 'ACUITY_P', 'MAX_REDRAWS', 'Scanner',
+           'get_scanner', 'Head', 'draw_head', 'Grid', 'vault', 'floor_height', 'tentorium', 'Blob', 'smooth_field',
+           'Lesion', 'plan_lesion', 'kernel_mtf', 'paint_lesion', 'fbp_nps', 'noise_gain', 'ct_noise', 'noise_map',
+           'contrast_hu', 'SynthCase', 'slice_labels', 'make_case', 'naive_score', 'blob_score', 'noise_sd',
+           'noise_power_spectrum', 'save_npz', 'case_plan', 'make_cohort']
+
+# %% ../nbs/05_synth.ipynb #e3e70682
+DEFAULT_MIX = (0.14, 0.22, 0.18, 0.22, 0.24)  # primary-subtype weights, `ICH_SUBTYPES` order
 
 # %% ../nbs/05_synth.ipynb #3b125fd1
 @dataclass(frozen=True)
 class Scanner:
-    "Acquisition and reconstruction settings of one (synthetic) hospital scanner."
+    "Acquisition, reconstruction and patient population of one (synthetic) hospital."
     name: str = 'A'
-    noise_hu: tuple = (3., 5.5)   # range of the per-case quantum noise sigma in brain (HU), after the kernel
-    blur_mm: float = 0.45         # Gaussian sigma of the reconstruction kernel (mm); it also correlates the noise
+    noise_hu: tuple = (2.6, 3.6)  # range of the per-case brain noise SD (HU) of a 5 mm slice on 0.45 mm pixels
+    blur_mm: float = 0.52         # Gaussian sigma of the reconstruction kernel (mm): image sharpness and noise texture
+    edge_gain: float = 0.         # edge enhancement of the kernel (0: smooth kernel; > 0: sharp kernel, MTF above 1)
     kernel: str = 'STANDARD'      # ConvolutionKernel tag
-    kvp: int = 120                # KVP tag
-    slice_mm: float = 5.          # slice thickness = spacing (mm)
+    kvp: int = 120                # tube voltage: sets the bone HU (`bone_scale`) and the KVP tag
+    slice_mm: float = 5.          # slice thickness = spacing along the slice normal (mm)
     n_slices: tuple = (24, 40)    # allowed slice count (coverage: skull base to vertex)
     fov_mm: tuple = (220., 250.)  # reconstruction field of view (mm); pixel = fov / size, enlarged if the head needs it
+    tilt_deg: tuple = (0., 0.)    # range of the gantry tilt (deg), drawn per case
     streaks: float = 1.           # beam-hardening streak strength at the skull base (0: none)
     hu_offset: float = 0.         # calibration offset added to every voxel (HU)
     holder: bool = True           # carbon head holder under the occiput
     manufacturer: str = 'ich_nb synthetic A'  # Manufacturer tag
+    atrophy: tuple = (1.3, 3.)    # Beta(a, b) of brain atrophy in the hospital's patients (an older population: more)
+    subtype_mix: tuple = DEFAULT_MIX  # primary-subtype weights of its ICH cases (`ICH_SUBTYPES` order)
+    @property
+    def bone_scale(self) -> float:
+        "Bone attenuation relative to 120 kVp (bone HU fall as the tube voltage rises)."
+        return (120 / self.kvp) ** 0.6
 
+# %% ../nbs/05_synth.ipynb #82e2e662
 SCANNERS = {'A': Scanner(),
-            'B': Scanner('B', noise_hu=(5., 8.), blur_mm=0.8, kernel='SOFT', kvp=140, n_slices=(26, 40),
-                         fov_mm=(230., 250.), streaks=1.6, hu_offset=3., holder=False,
-                         manufacturer='ich_nb synthetic B')}
+            'B': Scanner('B', noise_hu=(3.2, 4.6), blur_mm=0.8, kernel='SOFT', kvp=140, n_slices=(26, 40),
+                         fov_mm=(230., 250.), streaks=1.6, hu_offset=3., holder=False, manufacturer='ich_nb synthetic B'),
+            'C': Scanner('C', noise_hu=(2.8, 4.), blur_mm=0.35, edge_gain=0.2, kernel='H45s', kvp=100, slice_mm=2.5,
+                         n_slices=(48, 80), fov_mm=(200., 240.), tilt_deg=(10., 22.), streaks=1.3, hu_offset=-2.,
+                         manufacturer='ich_nb synthetic C', atrophy=(2.4, 2.4), subtype_mix=(0.06, 0.16, 0.12, 0.26, 0.40))}
 
+# %% ../nbs/05_synth.ipynb #eb1167b3
 def get_scanner(scanner) -> Scanner:
     "A `Scanner` from a name in `SCANNERS`, a dict of fields or a `Scanner`."
     if isinstance(scanner, Scanner): return scanner
-    if isinstance(scanner, dict): return Scanner(**scanner)
+    if isinstance(scanner, dict): return Scanner(**{k: tuple(v) if isinstance(v, list) else v for k, v in scanner.items()})
     if isinstance(scanner, str) and scanner in SCANNERS: return SCANNERS[scanner]
     raise ValueError(f'scanner: unknown scanner {scanner!r}; use one of {sorted(SCANNERS)}, a dict of Scanner fields or a Scanner')
+
+# %% ../nbs/05_synth.ipynb #d4713d60
+_f32 = np.float32  # all phantom arithmetic stays in float32
 
 # %% ../nbs/05_synth.ipynb #d7861121
 TISSUES = ['air', 'soft', 'fat', 'bone', 'diploe', 'csf', 'grey', 'white', 'deep_grey', 'brainstem', 'cerebellum',
@@ -58,10 +77,12 @@ TISSUES = ['air', 'soft', 'fat', 'bone', 'diploe', 'csf', 'grey', 'white', 'deep
 TISSUE_CODE = {t: i for i, t in enumerate(TISSUES)}
 _T = TISSUE_CODE
 
+# %% ../nbs/05_synth.ipynb #5ba91faf
 def _pv(d, delta):
     "Fraction of a slab of half-width `delta` on the positive side of a surface at signed distance `d` (box profile)."
     return np.clip((d + delta) / (2 * delta), 0, 1)
 
+# %% ../nbs/05_synth.ipynb #9558867f
 def _step(t):
     "Smooth step from 0 to 1 around t = 0."
     return 0.5 + 0.5 * np.tanh(t)
@@ -69,6 +90,7 @@ def _step(t):
 # %% ../nbs/05_synth.ipynb #c4baa405
 TEMPLATE = (65., 82., 62.)  # inner-table half axes of the template head (mm): left-right, antero-posterior, up
 
+# %% ../nbs/05_synth.ipynb #37ebdcd9
 @dataclass
 class Head:
     "Random head shape, tissue values and pose (lengths in mm, angles in degrees, attenuations in HU)."
@@ -77,13 +99,17 @@ class Head:
     tab_hu: float; dip_hu: float; soft_hu: float; grey_hu: float; white_hu: float; csf_hu: float
     deep_hu: float; stem_hu: float; cbl_hu: float; dura_hu: float; sinus_hu: float; tex_hu: float
     gm_mm: float; sulc_mm: float; sulc_depth: float; temporalis: float
+    base: tuple = (0.,) * 8  # shape of the skull base: bends and phases of ridges and fossae, each in [-1, 1]
     @property
     def scale(self): return (self.a / TEMPLATE[0], self.b / TEMPLATE[1], self.c / TEMPLATE[2])
 
-def draw_head(rng) -> Head:
+# %% ../nbs/05_synth.ipynb #23a7711a
+def draw_head(rng,                   # numpy `Generator`
+              atrophy=(1.3, 3.),     # Beta(a, b) parameters of the atrophy (`Scanner.atrophy`)
+             ) -> Head:
     "Draw a random adult head (shape, tissue attenuations, pose) from a numpy `Generator`."
     a = rng.uniform(60, 70); b = a * rng.uniform(1.17, 1.3); c = rng.uniform(57, 66)
-    at = float(rng.beta(1.3, 3.))
+    at = float(rng.beta(*atrophy))
     white = rng.uniform(22, 30); grey = float(np.clip(white + rng.uniform(11, 16), 37, 45))
     return Head(a, b, c, egg=rng.uniform(0.03, 0.12), skull=rng.uniform(4.5, 7.5), scalp=rng.uniform(3.5, 6.5),
                 atrophy=at, yaw=rng.uniform(-8, 8), pitch=rng.uniform(-8, 12),
@@ -91,45 +117,57 @@ def draw_head(rng) -> Head:
                 dip_hu=rng.uniform(420, 700), soft_hu=rng.uniform(35, 50), grey_hu=grey, white_hu=white,
                 csf_hu=rng.uniform(3, 10), deep_hu=grey - rng.uniform(1, 4), stem_hu=white + rng.uniform(3, 7),
                 cbl_hu=grey - rng.uniform(-1, 2), dura_hu=rng.uniform(55, 70), sinus_hu=rng.uniform(40, 52),
-                tex_hu=rng.uniform(1., 2.), gm_mm=rng.uniform(2.8, 3.6), sulc_mm=0.45 + 1.1 * at,
-                sulc_depth=rng.uniform(13, 19), temporalis=rng.uniform(3, 9))
+                tex_hu=rng.uniform(1., 2.), gm_mm=rng.uniform(2.6, 3.4), sulc_mm=0.45 + 1.1 * at,
+                sulc_depth=rng.uniform(12, 18), temporalis=rng.uniform(3, 9),
+                base=tuple(float(v) for v in rng.uniform(-1, 1, 8)))
 
 # %% ../nbs/05_synth.ipynb #8215a27f
 class Grid:
     "Pixel/slice geometry of one scan and the pose of the head in it (head frame: x left, y posterior, z up, mm)."
-    def __init__(self, head: Head, size: int, px: float, dz: float, z0: float, n: int):
-        self.head, self.size, self.px, self.dz, self.z0, self.n = head, size, px, dz, z0, n
-        th, ph = math.radians(head.yaw), math.radians(head.pitch)
+    def __init__(self, head: Head,
+                 size: int,           # in-plane matrix
+                 px: float,           # pixel size (mm)
+                 dz: float,           # slice spacing along the slice normal (mm)
+                 z0: float,           # height of the first slice along the normal (mm, head centre = 0)
+                 n: int,              # number of slices
+                 tilt: float = 0.):   # gantry tilt (deg): tilts the slice planes and shears the stack
+        self.head, self.size, self.px, self.dz, self.z0, self.n, self.tilt = head, size, px, dz, z0, n, tilt
+        th, ph = math.radians(head.yaw), math.radians(head.pitch + tilt)
         self.ct, self.st, self.cp, self.sp = math.cos(th), math.sin(th), math.cos(ph), math.sin(ph)
         c = (np.arange(size, dtype=_f32) - (size - 1) / 2) * _f32(px)
         dx, dy = (c - head.shift[0])[None, :], (c - head.shift[1])[:, None]
         self.x = (self.ct * dx + self.st * dy).astype(_f32)    # (H, W) head x
-        self.yp = (-self.st * dx + self.ct * dy).astype(_f32)  # (H, W) head y before the pitch
+        self.yp = (-self.st * dx + self.ct * dy).astype(_f32)  # (H, W) in-plane head y before the pitch
         self.zs = (z0 + dz * np.arange(n)).astype(_f32)        # (S,) slice heights before the pitch
+        self.tan_t = math.tan(math.radians(tilt))
+        self.ts = (-(np.arange(n) - (n - 1) / 2) * dz * self.tan_t).astype(_f32)  # (S,) in-plane shift of each slice (shear)
         self.scale = head.scale
 
-    def yz(self, z, ii=slice(None), jj=slice(None)):
-        "Head y and z of the pixels `[ii, jj]` of slices at height(s) `z` (scalar or (k,1,1))."
-        yp = self.yp[ii, jj]
+    def yz(self, k: int, ii=slice(None), jj=slice(None)):
+        "Head y and z of the pixels `[ii, jj]` of slice `k`."
+        yp = self.yp[ii, jj] + self.ts[k]; z = self.zs[k]
         return self.cp * yp + self.sp * z, -self.sp * yp + self.cp * z
 
     def coords(self, box):
         "Head-frame x, y, z of a box `(ks, ii, jj)` (broadcastable arrays)."
         ks, ii, jj = box
-        y, z = self.yz(self.zs[ks][:, None, None], ii, jj)
-        return self.x[ii, jj][None], y, z
+        yp = self.yp[ii, jj][None] + self.ts[ks][:, None, None]; z = self.zs[ks][:, None, None]
+        return self.x[ii, jj][None], self.cp * yp + self.sp * z, -self.sp * yp + self.cp * z
 
     def to_voxel(self, p):
         "Fractional voxel index `(k, i, j)` of a head-frame point (mm)."
         x, y, z = p
         zp, yp = self.sp * y + self.cp * z, self.cp * y - self.sp * z
+        k = (zp - self.z0) / self.dz
+        yp = yp + (k - (self.n - 1) / 2) * self.dz * self.tan_t
         xs, ys = self.head.shift[0] + self.ct * x - self.st * yp, self.head.shift[1] + self.st * x + self.ct * yp
         o = (self.size - 1) / 2
-        return (zp - self.z0) / self.dz, ys / self.px + o, xs / self.px + o
+        return k, ys / self.px + o, xs / self.px + o
 
     def box(self, p, r, rz=None):
-        "Index box `(ks, ii, jj)` around head point `p`: radius `r` mm in plane, `rz` (default `r`) along the scanner axis; None if off scan."
-        k, i, j = self.to_voxel(p); rk, rp = (r if rz is None else rz) / self.dz + 0.5, r / self.px + 1
+        "Index box `(ks, ii, jj)` around head point `p`: radius `r` mm in plane, `rz` (default `r`) along the normal; None if off scan."
+        rz = r if rz is None else rz
+        k, i, j = self.to_voxel(p); rk, rp = rz / self.dz + 0.5, (r + rz * abs(self.tan_t)) / self.px + 1
         k0, k1 = max(math.floor(k - rk), 0), min(math.ceil(k + rk) + 1, self.n)
         i0, i1 = max(math.floor(i - rp), 0), min(math.ceil(i + rp) + 1, self.size)
         j0, j1 = max(math.floor(j - rp), 0), min(math.ceil(j + rp) + 1, self.size)
@@ -153,38 +191,62 @@ def vault(hd: Head, x, y, z, sp, cp, dz, px):
     t = np.clip(hd.skull * (1 + 0.25 * (v * v - u * u)), 2.5, 10)
     return d, dl, t
 
-def floor_height(xt, yt):
+# %% ../nbs/05_synth.ipynb #9e4d6e3c
+def floor_height(xt, yt, base=(0.,) * 8):
     "Height (template mm) of the cranial floor under template points `(xt, yt)`, and the petrous weight (0..1)."
+    b = base
     u, v = np.abs(xt) * _f32(1 / TEMPLATE[0]), yt * _f32(1 / TEMPLATE[1])
-    v_pet, v_sph = 0.12 + 0.30 * u, -0.14 - 0.26 * u             # petrous ridges; sphenoid wings (oblique)
+    sd = np.sign(xt) * _f32(0.03 * b[7])                              # left-right asymmetry
+    v_pet = 0.12 + (0.30 + 0.06 * b[0]) * u + 0.12 * b[1] * u * u + 0.02 * np.sin(9 * u + 3 * b[2]) + sd  # petrous ridges, bent
+    v_sph = -0.14 - (0.26 + 0.05 * b[3]) * u + 0.08 * b[4] * u * u + sd  # sphenoid wings (oblique, curved)
     f_post = np.minimum(-82 + 34 * ((u / 0.75) ** 2 + ((v - 0.35) / 0.55) ** 2), -40)  # posterior fossa bowl
-    f_mid = -62 + 14 * ((u - 0.55) / 0.35) ** 2                   # middle fossa bowl
+    f_mid = -62 + 14 * ((u - 0.55) / 0.35) ** 2 + 3 * np.sin(7 * v + 5 * u + 3 * b[5])  # middle fossa bowl
     f = f_post + (f_mid - f_post) * _step((v_pet - v) * 25)       # posterior -> middle fossa
     f = f + (-30 - f) * _step((v_sph - v) * 25)                  # anterior fossa
     f = f + 9 * np.exp(-((u - 0.36) * 5) ** 2 - ((v + 0.6) * 4.5) ** 2)  # orbital roofs bulge upward
-    f = f + 2.5 * (np.cos(u * 23 + 1.3) * np.cos(v * 19 + 0.4) + np.cos(u * 11 - v * 31)) * _step((v_sph - v) * 25)
+    mk = np.cos(u * 23 + 3 * b[5]) * np.cos(v * 19 + 3 * b[6]) + np.cos(u * 11 - v * 31 + 3 * b[2])
+    f = f + 2.5 * mk * _step((v_sph - v) * 25)                   # digital markings of the anterior fossa
     cen = _step((0.2 - u) * 33) * _step((0.08 - v) * 33) * _step((v - v_sph) * 33)
     f = f + (-42 - 6 * np.exp(-((v + 0.12) * 16) ** 2) - f) * cen  # sella turcica, pituitary fossa
     f = f - 120 * _step((0.17 - u) * 33) * _step((v - 0.17) * 33) * _step((0.45 - v) * 33)  # foramen magnum
-    ridge = np.exp(-(np.abs(v - v_pet) * 11) ** 2) * _step((u - 0.18) * 33) * _step((0.85 - u) * 20)
-    f = np.maximum(f, -44 - 30 * (1 - ridge) - 300 * (1 - ridge) ** 4)  # petrous ridges (no effect away from them)
+    wid = 11 * (1 + 0.3 * np.sin(7 * u + 3 * b[6]))              # ridge width varies along it
+    ridge = np.exp(-(np.abs(v - v_pet) * wid) ** 2) * _step((u - 0.18) * 33) * _step((0.85 - u) * 20)
+    crest = -44 + 5 * np.sin(5 * u + 3 * b[4])                   # crest height varies along the ridge
+    f = np.maximum(f, crest - 30 * (1 - ridge) - 300 * (1 - ridge) ** 4)  # petrous ridges (no effect away from them)
     return f, ridge
 
+# %% ../nbs/05_synth.ipynb #fcbd04c3
 def tentorium(xt, yt):
     "Height (template mm) of the tentorium at template points, and where it exists (0..1, behind the incisura)."
     u, v = xt * _f32(1 / TEMPLATE[0]), yt * _f32(1 / TEMPLATE[1])
     return -28 - 22 * u * u - 10 * np.clip(v - 0.3, 0, None), _step((v - 0.05 - 0.5 * u * u) * 33)
 
+# %% ../nbs/05_synth.ipynb #7f91554e
+def _waves(rng, k: int, lam: tuple):
+    "`k` random 3-D plane waves: wave vectors `(k, 3)` (rad/mm) with wavelengths in `lam` (mm), and phases."
+    d = rng.standard_normal((k, 3)); d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return (d * (2 * np.pi / rng.uniform(*lam, size=(k, 1)))).astype(_f32), rng.uniform(0, 2 * np.pi, k).astype(_f32)
+
+# %% ../nbs/05_synth.ipynb #b4862b21
+def _lumps(rng, amp: float, k: int, lam: tuple) -> tuple:
+    "Parameters of an irregular outline for `Blob.lump`: amplitude, `k` wave vectors and phases."
+    return (amp,) + _waves(rng, k, lam)
+
 # %% ../nbs/05_synth.ipynb #f5b28512
-def _ell(x, y, z, c, r, sp, cp, dz, px):
-    "Approximate signed distance (mm, >0 inside) to an axis-aligned ellipsoid and its slab half-width."
+def _ell(x, y, z, c, r, sp, cp, dz, px, lump=None):
+    "Approximate signed distance (mm, >0 inside) to an axis-aligned ellipsoid, optionally lumpy, and its slab half-width."
     ux, uy, uz = (x - c[0]) * _f32(1 / r[0]), (y - c[1]) * _f32(1 / r[1]), (z - c[2]) * _f32(1 / r[2])
     rho = np.sqrt(ux * ux + uy * uy + uz * uz)
+    if lump is not None:
+        amp, kv, ph = lump
+        lu = _f32(amp) * sum(np.cos(k[0] * (x - c[0]) + k[1] * (y - c[1]) + k[2] * (z - c[2]) + p) for k, p in zip(kv, ph))
+        rho = rho + lu * np.minimum(rho, 1)   # the outline moves by the lump; no islands far from it
     gy, gz = uy * _f32(1 / r[1]), uz * _f32(1 / r[2])
     gn = np.sqrt((ux * _f32(1 / r[0])) ** 2 + gy * gy + gz * gz) + _f32(1e-4 / max(r))
     dl = np.maximum(np.abs(gy * _f32(sp) + gz * _f32(cp)) / gn * _f32(dz / 2), _f32(px / 2))
     return (1 - rho) * (rho + _f32(1e-4)) / gn, dl
 
+# %% ../nbs/05_synth.ipynb #e6f4590b
 @dataclass
 class Blob:
     "An ellipsoidal structure painted with partial volume: where (`layer`), what value and which tissue."
@@ -197,12 +259,13 @@ class Blob:
     store: str = ''           # '' | 'vent' (ventricle fraction) | 'cist' (cisternal CSF fraction)
     outside: bool = False     # paint only outside the cranial cavity (face, orbits, sinuses)
     raise_only: bool = False  # only raise HU (soft tissue filling air, never replacing bone)
+    lump: tuple = None        # (amplitude, wave vectors, phases): an irregular outline
     box: tuple = None
     def __post_init__(self):  # plain floats: numpy float64 scalars would promote float32 arrays to float64
         self.center, self.semi, self.hu = tuple(map(float, self.center)), tuple(map(float, self.semi)), float(self.hu)
 
 # %% ../nbs/05_synth.ipynb #fc29e08b
-def _anatomy_blobs(hd: Head, rng, sc) -> list:
+def _anatomy_blobs(hd: Head, rng, sc, press=(0., 0.)) -> list:
     "Deep nuclei, brainstem, cisterns, ventricles, face and skull-base structures of one head (template, scaled)."
     T = lambda c: (c[0] * sc[0], c[1] * sc[1], c[2] * sc[2])
     va = 1 + 0.7 * hd.atrophy; ca = 1 + 0.5 * hd.atrophy; wa = 1 + 0.2 * hd.atrophy
@@ -220,66 +283,104 @@ def _anatomy_blobs(hd: Head, rng, sc) -> list:
     add('medulla', T((0, 21, -75)), (8, 8, 22), stem, 'brainstem')
     for s in (-1, 1):
         j = lambda: rng.uniform(0.9, 1.1)  # natural asymmetry of the ventricles
+        p_own, p_other = press[(s + 1) // 2], press[(1 - s) // 2]   # mass effect (mm of midline shift) from each side
+        cv = (1 - 0.45 * min(p_own / 10, 1)) * (1 + 0.12 * min(p_other / 10, 1))  # compressed on the lesion side
         add('caudate', T((s * 13 * wa, -14, 6)), (5.5, 8, 9), deep, 'deep_grey')
         add('lentiform', T((s * 22, -3, -3)), (6.5, 14, 9), deep, 'deep_grey')
         add('thalamus', T((s * 9.5, 10, -3)), (8, 11, 8), deep, 'deep_grey')
-        add('frontal horn', T((s * 9 * wa, -20, 9)), (4.5 * va * j(), 13, 8 * va), csf, 'csf', store='vent')
-        add('ventricle body', T((s * 11 * wa, 2, 17)), (5.5 * va * j(), 19, 5 * va), csf, 'csf', store='vent')
-        add('atrium', T((s * 17, 24, 8)), (7 * va * j(), 8, 9 * va), csf, 'csf', store='vent')
-        add('occipital horn', T((s * 15, 38, 3)), (3.5 * va, 10 * j(), 4 * va), csf, 'csf', store='vent')
-        add('temporal horn', T((s * 30, -4, -20)), (2.5 * va, 11, 3 * va), csf, 'csf', store='vent')
+        add('frontal horn', T((s * 9 * wa, -20, 9)), (4.5 * va * j() * cv, 13, 8 * va * cv), csf, 'csf', store='vent')
+        add('ventricle body', T((s * 11 * wa, 2, 17)), (5.5 * va * j() * cv, 19, 5 * va * cv), csf, 'csf', store='vent')
+        add('atrium', T((s * 17, 24, 8)), (7 * va * j() * cv, 8, 9 * va * cv), csf, 'csf', store='vent')
+        add('occipital horn', T((s * 15, 38, 3)), (3.5 * va * cv, 10 * j(), 4 * va * cv), csf, 'csf', store='vent')
+        add('temporal horn', T((s * 30, -4, -20)), (2.5 * va * cv, 11, 3 * va * cv), csf, 'csf', store='vent')
         if s < 0: add('face', T((0, -62, -68)), (48, 34, 48), hd.soft_hu, 'soft', layer='head', outside=True, raise_only=True)
-        add('orbit wall', T((s * 29, -62, -45)), (16, 23, 14), bone, 'bone', layer='head', outside=True)
-        add('orbital fat', T((s * 29, -62, -45)), (14.5, 21.5, 12.5), -90., 'fat', layer='head', outside=True)
+        lw, lf = _lumps(rng, 0.05, 3, (15, 30)), _lumps(rng, 0.05, 3, (15, 30))
+        for part, (c, r) in dict(rim=((s * 30, -66, -46), (16, 15, 13.5)), apex=((s * 21, -47, -47), (8.5, 15, 8.5))).items():
+            add(f'orbit wall ({part})', T(c), r, bone, 'bone', layer='head', outside=True, lump=lw)
+        for part, (c, r) in dict(rim=((s * 30, -66, -46), (14.5, 13.5, 12)), apex=((s * 21, -47, -47), (7, 13.5, 7))).items():
+            add(f'orbital fat ({part})', T(c), r, -90., 'fat', layer='head', outside=True, lump=lf)
         add('globe', T((s * 31, -73, -46)), (12, 11.5, 12), rng.uniform(8, 16), 'vitreous', layer='head', outside=True)
         add('lens', T((s * 31, -83.5, -46)), (4.5, 1.8, 4.5), rng.uniform(90, 120), 'soft', layer='head', outside=True)
-        add('mastoid', T((s * 53, 24, -58)), (9, 12, 12), -500., 'air', layer='head', outside=True)
-        add('maxillary sinus', T((s * 27, -55, -88)), (14, 17, 16), air, 'air', layer='head', outside=True)
+        add('mastoid', T((s * 53, 24, -58)), (9, 12, 12), -500., 'air', layer='head', outside=True,
+            lump=_lumps(rng, 0.12, 4, (6, 14)))
+        add('maxillary sinus', T((s * 27, -55, -88)), (14, 17, 16), air, 'air', layer='head', outside=True,
+            lump=_lumps(rng, 0.06, 3, (15, 30)))
     add('third ventricle', T((0, 2, -8)), (2.2 * va, 14, 9), csf, 'csf', store='vent')
     add('fourth ventricle', T((0, 33, -49)), (7, 4, 8), csf, 'csf', store='vent')
-    add('ethmoid', T((0, -68, -50)), (11, 15, 11), -600., 'air', layer='head', outside=True)
-    add('sphenoid sinus', T((0, -24, -60)), (15, 13, 11), air, 'air', layer='head', outside=True)
+    add('ethmoid', T((0, -68, -50)), (11, 15, 11), -600., 'air', layer='head', outside=True, lump=_lumps(rng, 0.1, 4, (8, 16)))
+    add('sphenoid sinus', T((0, -24, -60)), (15, 13, 11), air, 'air', layer='head', outside=True,
+        lump=_lumps(rng, 0.08, 3, (12, 25)))
     add('nasopharynx', T((0, -30, -92)), (12, 10, 10), air, 'air', layer='head', outside=True)
     add('atlas', T((0, 20, -100)), (17, 15, 6), bone, 'bone', layer='head', outside=True)
     add('spinal canal', T((0, 24, -100)), (9, 8, 9), stem, 'brainstem', layer='head', outside=True)
     add('dens', T((0, 9, -97)), (5, 5, 9), bone, 'bone', layer='head', outside=True)
     return out
 
-# %% ../nbs/05_synth.ipynb #7f91554e
-def _waves(rng, k: int, lam: tuple):
-    "`k` random 3-D plane waves: wave vectors `(k, 3)` (rad/mm) with wavelengths in `lam` (mm), and phases."
-    d = rng.standard_normal((k, 3)); d /= np.linalg.norm(d, axis=1, keepdims=True)
-    return d * (2 * np.pi / rng.uniform(*lam, size=(k, 1))), rng.uniform(0, 2 * np.pi, k)
-
+# %% ../nbs/05_synth.ipynb #4f65d4d9
 class _Waves:
     "A sum of plane waves `sum cos(k.p + phi)` evaluated slice by slice (2-D part precomputed once per case)."
-    def __init__(self, g: Grid, kv, ph, step: int = 1):  # step 2: precompute every 2nd pixel (smooth, long waves)
-        kx, ky, kz = kv.T; x, yp = g.x[::step, ::step], g.yp[::step, ::step]
-        self.a = np.stack([kx[i] * x + (ky[i] * g.cp - kz[i] * g.sp) * yp + ph[i] for i in range(len(ph))]).astype(_f32)
-        self.b = (ky * g.sp + kz * g.cp).astype(_f32)
+    def __init__(self, g: Grid, kv, ph):
+        kx, ky, kz = kv.T
+        self.e = (ky * g.cp - kz * g.sp).astype(_f32)                   # coefficient of the in-plane y
+        self.a = np.stack([kx[i] * g.x + self.e[i] * g.yp + ph[i] for i in range(len(ph))]).astype(_f32)
+        self.b = (ky * g.sp + kz * g.cp).astype(_f32)                   # coefficient of the slice height
+        self.g, self.kv = g, kv
         self.grms = float(np.sqrt((kv ** 2).sum(1).mean() / 2 * len(ph)))  # rms gradient of the sum
-    def __call__(self, z, ii, jj):
-        "The sum at slice height `z` on the (precomputed-grid) pixels `[ii, jj]`."
-        out = np.cos(self.a[0, ii, jj] + self.b[0] * z)
-        for a, b in zip(self.a[1:], self.b[1:]): out += np.cos(a[ii, jj] + b * z)
+    def __call__(self, k: int, ii, jj, u=None):
+        "The sum on pixels `[ii, jj]` of slice `k`; `u` (ux, uy, uz): evaluated at the points displaced by -u."
+        c = self.b * self.g.zs[k] + self.e * self.g.ts[k]
+        out = None
+        for i in range(len(c)):
+            arg = self.a[i, ii, jj] + c[i]
+            if u is not None: arg = arg - (self.kv[i, 0] * u[0] + self.kv[i, 1] * u[1] + self.kv[i, 2] * u[2])
+            out = np.cos(arg) if out is None else out + np.cos(arg)
         return out
 
+# %% ../nbs/05_synth.ipynb #bad640fb
+class _Sulci:
+    "Sulcal pattern drawn on the brain surface and carried inward, bending with depth: distance (mm) to a sulcus and its depth."
+    def __init__(self, rng, hd: Head, n: int = 8, lam=(24., 40.), r0: float = 65., bend: float = 0.6):
+        self.kv, self.ph = _waves(rng, n, lam)           # the pattern on a sphere of radius r0 (mm)
+        self.kd, self.pd = _waves(rng, 2, (70., 120.))   # slow variation of the sulcal depth
+        self.kb, self.pb = _waves(rng, 3, (35., 60.))    # direction in which sulci bend as they deepen
+        self.inv, self.r0, self.bend = (_f32(1 / hd.a), _f32(1 / hd.b), _f32(1 / hd.c)), _f32(r0), _f32(bend)
+        self.grms = float(np.sqrt((self.kv ** 2).sum(1).mean() / 2 * n * 2 / 3))  # rms tangential gradient
+    def __call__(self, x, y, z, q):
+        "Signed distance (mm; sulci at 0) at points `x, y, z` of depth `q` below the surface, and the depth factor (0.45..1)."
+        ex, ey, ez = x * self.inv[0], y * self.inv[1], z * self.inv[2]
+        rho = np.sqrt(ex * ex + ey * ey + ez * ez) + _f32(1e-3)
+        s = self.r0 / rho; ux, uy, uz = ex * s, ey * s, ez * s   # direction of the point, on the sphere
+        w = lambda k, p: np.cos(ux * k[0] + uy * k[1] + uz * k[2] + p)
+        qb = np.maximum(q, 0) * self.bend
+        bx, by, bz = (qb * w(k, p) for k, p in zip(self.kb, self.pb))   # tangential drift grows with depth
+        g = sum(np.cos((ux + bx) * k[0] + (uy + by) * k[1] + (uz + bz) * k[2] + p) for k, p in zip(self.kv, self.ph))
+        dep = _f32(0.725) + _f32(0.1375) * (w(self.kd[0], self.pd[0]) + w(self.kd[1], self.pd[1]))
+        return g * (rho * _f32(1 / self.grms)), dep
+
+# %% ../nbs/05_synth.ipynb #d9b8a714
 def _lerp_index(n_out: int, n_in: int):
     "Indices and weights of linear interpolation from `n_in` to `n_out` samples (grid ends aligned)."
     pos = np.linspace(0, n_in - 1, n_out)
     i0 = np.clip(np.floor(pos).astype(int), 0, n_in - 2)
     return i0, (pos - i0).astype(_f32)
 
+# %% ../nbs/05_synth.ipynb #5487ce1e
+def _resize2(lo: np.ndarray, h: int, w: int) -> np.ndarray:
+    "Bilinear resize of the last two axes of `lo` to `(h, w)` (grid ends aligned)."
+    (ri, rw), (ci, cw) = _lerp_index(h, lo.shape[-2]), _lerp_index(w, lo.shape[-1])
+    rows = lo[..., ri, :] * (1 - rw)[:, None] + lo[..., ri + 1, :] * rw[:, None]
+    return rows[..., ci] * (1 - cw) + rows[..., ci + 1] * cw
+
+# %% ../nbs/05_synth.ipynb #8f4ff31e
 def smooth_field(rng, shape, cell_px: float) -> np.ndarray:
     "About unit-variance random field `(S, H, W)`, correlated over about `cell_px` pixels in plane (independent per slice)."
     s, h, w = shape
     nh, nw = max(int(h / cell_px) + 2, 2), max(int(w / cell_px) + 2, 2)
     lo = ndi.gaussian_filter(rng.standard_normal((s, nh, nw), dtype=_f32), (0, 0.7, 0.7), mode='wrap')
     lo *= _f32(1 / (lo.std() + 1e-6))
-    (ri, rw), (ci, cw) = _lerp_index(h, nh), _lerp_index(w, nw)
-    rows = lo[:, ri] * (1 - rw)[:, None] + lo[:, ri + 1] * rw[:, None]
-    return rows[:, :, ci] * (1 - cw) + rows[:, :, ci + 1] * cw
+    return _resize2(lo, h, w)
 
+# %% ../nbs/05_synth.ipynb #5a921187
 def _up2_rows(c: np.ndarray, n: int) -> np.ndarray:
     "Upsample along axis 0: fine row i sits at coarse position i/2 (even rows copied, odd rows averaged)."
     nc, m = c.shape[0], n // 2
@@ -290,25 +391,39 @@ def _up2_rows(c: np.ndarray, n: int) -> np.ndarray:
     if m > k: out[-1] = 1.5 * c[-1] - 0.5 * c[-2]   # even n: the last row extrapolates linearly
     return out
 
+# %% ../nbs/05_synth.ipynb #50f24455
 def _up2(c: np.ndarray, h: int, w: int) -> np.ndarray:
     "Bilinear upsampling of a smooth field sampled at every 2nd pixel (`a[::2, ::2]`) back to `(h, w)`."
     if c.shape[0] < 2 or c.shape[1] < 2: return np.broadcast_to(c[:1, :1], (h, w)).astype(_f32)
     return _up2_rows(_up2_rows(c, h).T, w).T
 
+# %% ../nbs/05_synth.ipynb #a3f2c9bf
+def _up2_stack(c: np.ndarray, times: int) -> np.ndarray:
+    "Bilinear upsampling of a stack of smooth maps `(S, h, w)` by `2 ** times` in plane (as `_up2`)."
+    for _ in range(times):
+        s, h, w = c.shape; o = np.empty((s, h, 2 * w), _f32)           # columns
+        o[..., 0::2] = c; np.add(c[..., :-1], c[..., 1:], out=o[..., 1:-1:2]); o[..., 1:-1:2] *= _f32(0.5)
+        o[..., -1] = 1.5 * c[..., -1] - 0.5 * c[..., -2]
+        c = np.empty((s, 2 * h, 2 * w), _f32)                           # rows
+        c[:, 0::2] = o; np.add(o[:, :-1], o[:, 1:], out=c[:, 1:-1:2]); c[:, 1:-1:2] *= _f32(0.5)
+        c[:, -1] = 1.5 * o[:, -1] - 0.5 * o[:, -2]
+    return c
+
 # %% ../nbs/05_synth.ipynb #11b992c7
-def _head_bbox(g: Grid, hd: Head, margin_mm: float = 32.):
+def _head_bbox(g: Grid, hd: Head, margin_mm: float = 3.):
     "Per-slice in-plane box `(i0, i1, j0, j1)` around the head (coarse test on every 8th pixel), None above it."
     st = 8; xs, yp = g.x[::st, ::st], g.yp[::st, ::st]
-    z = g.zs[:, None, None]
-    d, _, _ = vault(hd, xs[None], g.cp * yp[None] + g.sp * z, -g.sp * yp[None] + g.cp * z, g.sp, g.cp, g.dz, g.px)
+    z, t = g.zs[:, None, None], g.ts[:, None, None]
+    d, _, th = vault(hd, xs[None], g.cp * (yp[None] + t) + g.sp * z, -g.sp * (yp[None] + t) + g.cp * z, g.sp, g.cp, g.dz, g.px)
     out = []
-    for k in range(g.n):
-        r, c = np.nonzero(d[k] > -margin_mm)
+    for k in range(g.n):  # skin at -(skull + scalp + temporalis); the coarse grid adds one step of slack
+        r, c = np.nonzero(d[k] > -(th[k] + hd.scalp + hd.temporalis + margin_mm + st * g.px))
         if len(r) == 0: out.append(None); continue
         out.append((max(int(r.min()) * st - st, 0), min(int(r.max()) * st + 2 * st, g.size),
                     max(int(c.min()) * st - st, 0), min(int(c.max()) * st + 2 * st, g.size)))
     return out
 
+# %% ../nbs/05_synth.ipynb #3458a748
 def _holder(g: Grid, hd: Head, hu: float) -> np.ndarray:
     "HU added to air by a curved carbon head holder under the occiput `(H, W)`."
     c = (np.arange(g.size, dtype=_f32) - (g.size - 1) / 2) * _f32(g.px)
@@ -321,11 +436,14 @@ def _holder(g: Grid, hd: Head, hu: float) -> np.ndarray:
 # %% ../nbs/05_synth.ipynb #2a3570ed
 SUBTYPE_ML = dict(epidural=(0.3, 80.), intraparenchymal=(0.1, 80.), intraventricular=(0.1, 40.),
                   subarachnoid=(0.1, 40.), subdural=(0.2, 80.))  # plausible volume range per subtype (mL)
+
+# %% ../nbs/05_synth.ipynb #7a1d5006
 ACUITY_HU = dict(  # blood attenuation (HU range) per acuity and subtype
     acute=dict(epidural=(55, 85), intraparenchymal=(55, 85), intraventricular=(55, 80), subarachnoid=(55, 75), subdural=(50, 80)),
     subacute=dict(epidural=(45, 60), intraparenchymal=(42, 55), intraventricular=(45, 60), subarachnoid=(45, 60), subdural=(30, 45)),
     chronic=dict(epidural=(45, 60), intraparenchymal=(42, 55), intraventricular=(45, 60), subarachnoid=(45, 60), subdural=(10, 25)))
 
+# %% ../nbs/05_synth.ipynb #dd84f39e
 @dataclass
 class Lesion:
     "One planned hemorrhage: subtype, site, geometry (head frame, mm) and attenuation."
@@ -341,12 +459,14 @@ class Lesion:
         self.center = tuple(float(v) for v in self.center); self.radius = float(self.radius)
         self.target_ml, self.blood_hu = float(self.target_ml), float(self.blood_hu)
 
+# %% ../nbs/05_synth.ipynb #42af9fc3
 def _surface_point(hd: Head, n) -> np.ndarray:
     "Point of the inner table in direction `n` from the head centre."
     n = np.asarray(n, float) / np.linalg.norm(n)
     cz = hd.c if n[2] > 0 else 1.6 * hd.c
     return n / math.sqrt((n[0] / hd.a) ** 2 + (n[1] / hd.b) ** 2 + (n[2] / cz) ** 2)
 
+# %% ../nbs/05_synth.ipynb #ce164dba
 def _direction(side, az, el):
     "Unit vector: azimuth `az` (deg, 0 = lateral, + = posterior) and elevation `el` (deg) on `side` (+1 left)."
     az, el = math.radians(az), math.radians(el)
@@ -363,34 +483,52 @@ def _plan_lens(rng, hd, subtype, vol, hu):
     R = min((v / k) ** (1 / 3), 45 if edh else 80); h = v / R ** 2
     lobe = 'temporal' if el < 10 else ('frontal' if az < -30 else ('occipital' if az > 45 else 'parietal'))
     return Lesion(subtype, f"{'left' if side > 0 else 'right'} {lobe}", 'lens', vol, hu, tuple(c), R + h + 3,
-                  dict(R=R, h=h, m=m, side=side if not edh else 0))
+                  dict(R=R, h=h, m=m, side=side if not edh else 0, lat=side))
 
+# %% ../nbs/05_synth.ipynb #ea7e9d49
 def _plan_falcine(rng, hd, sc, vol, hu):
     "SDH along the falx (interhemispheric), one side."
     side = int(rng.choice([-1, 1])); c = (0., rng.uniform(-45, 50) * sc[1], rng.uniform(25, 45) * sc[2])
     k = rng.uniform(0.06, 0.14); v = vol * 1000 * 1.5 / math.pi
     R = min((v / k) ** (1 / 3), 35); h = v / R ** 2
-    return Lesion('subdural', 'interhemispheric', 'falcine', vol, hu, c, R + h + 3, dict(R=R, h=h, m=4, side=side))
+    return Lesion('subdural', 'interhemispheric', 'falcine', vol, hu, c, R + h + 3, dict(R=R, h=h, m=4, side=side, lat=side))
 
-def _plan_iph(rng, hd, sc, vol, hu, acuity):
-    "Intraparenchymal haematoma: lumpy ellipsoid with an oedema rim, deep, lobar, cerebellar or pontine."
+# %% ../nbs/05_synth.ipynb #b83e90ec
+def _iph_site(rng, hd, sc, r: float):
+    "Site name, centre (head frame, mm) and side of an IPH of largest half axis `r`: deep, lobar, cerebellar or pontine."
     site = str(rng.choice(['deep', 'lobar', 'cerebellar', 'pontine'], p=[0.42, 0.38, 0.12, 0.08]))
-    vol = min(vol, dict(deep=80, lobar=80, cerebellar=30, pontine=8)[site])
-    r = (3 * vol * 1000 / (4 * math.pi)) ** (1 / 3)
     s = int(rng.choice([-1, 1]))
-    if site == 'deep': c = np.array([s * rng.uniform(12, 24), rng.uniform(-10, 12), rng.uniform(-8, 6)]) * sc
+    if site == 'deep': c = np.array([s * max(rng.uniform(12, 24), r + 4), rng.uniform(-10, 12), rng.uniform(-8, 6)]) * sc
     elif site == 'cerebellar': c = np.array([s * rng.uniform(15, 30), rng.uniform(45, 58), rng.uniform(-62, -50)]) * sc
     elif site == 'pontine': c = np.array([rng.uniform(-3, 3), 15, -46]) * sc
     else:
         p = _surface_point(hd, _direction(s, rng.uniform(-80, 80), rng.uniform(-5, 45)))
         c = p * (1 - (r + rng.uniform(6, 18)) / np.linalg.norm(p))
-    ax = np.exp(rng.uniform(-0.25, 0.25, 3)); ax /= np.prod(ax) ** (1 / 3)
-    e = rng.uniform(0.15, 0.35) if acuity == 'acute' else rng.uniform(0.35, 0.7)
-    kv, ph = _waves(rng, 3, (1.5 * r + 4, 3 * r + 8))
-    side = '' if site == 'pontine' else ('left ' if s > 0 else 'right ')
-    return Lesion('intraparenchymal', side + site, 'blob', vol, hu, tuple(c), r * ax.max() * 1.3 * (1 + e) + 3,
-                  dict(semi=tuple(map(float, r * ax)), oedema=e, drop=rng.uniform(5, 10), kv=kv.astype(_f32), ph=ph.astype(_f32)))
+    return site, c, s
 
+# %% ../nbs/05_synth.ipynb #66194cb1
+IPH_MAX_ML = dict(deep=80, lobar=80, cerebellar=30, pontine=8)  # largest plausible IPH per site (mL)
+
+# %% ../nbs/05_synth.ipynb #d3290a4c
+def _plan_iph(rng, hd, sc, vol, hu, acuity):
+    "Intraparenchymal haematoma: irregular lobulated ellipsoid, oedema rim, optional swirl (mixed density) or fluid level."
+    ax = np.exp(rng.uniform(-0.25, 0.25, 3)); ax /= np.prod(ax) ** (1 / 3)   # elongation, volume kept
+    site, c, s = _iph_site(rng, hd, sc, (3 * vol * 1000 / (4 * math.pi)) ** (1 / 3) * ax.max())
+    vol = min(vol, IPH_MAX_ML[site]); r = (3 * vol * 1000 / (4 * math.pi)) ** (1 / 3)
+    acute = acuity == 'acute'
+    e, drop = (rng.uniform(0.12, 0.25), rng.uniform(3, 6)) if acute else (rng.uniform(0.4, 0.8), rng.uniform(8, 14))
+    kv, ph = _waves(rng, 3, (1.5 * r + 4, 3 * r + 8))            # lobes
+    kf, pf = _waves(rng, 4, (0.5 * r + 2, r + 4))                # irregular margin
+    p = dict(semi=tuple(map(float, r * ax)), oedema=e, drop=drop, kv=np.concatenate([kv, kf]), ph=np.concatenate([ph, pf]),
+             amp=np.array([0.08] * 3 + [0.05] * 4, _f32), lat=s if site != 'pontine' else 0, site=site)
+    if acute and rng.random() < 0.25: p['swirl'] = (float(rng.uniform(15, 30)),) + _waves(rng, 3, (0.6 * r + 3, 1.2 * r + 6))
+    elif rng.random() < 0.05:  # haematocrit (fluid) level: serum on top, cells in the dependent (posterior) part
+        p['layer'] = (hu, float(rng.uniform(-0.3, 0.3) * r)); hu = float(rng.uniform(28, 40))
+    side = '' if site == 'pontine' else ('left ' if s > 0 else 'right ')
+    extra = ' (swirl)' if 'swirl' in p else (' (fluid level)' if 'layer' in p else '')
+    return Lesion('intraparenchymal', side + site + extra, 'blob', vol, hu, tuple(c), r * ax.max() * 1.8 * (1 + e) + 3, p)
+
+# %% ../nbs/05_synth.ipynb #c8f8e3d0
 def _plan_fill(rng, hd, sc, subtype, vol, hu):
     "SAH (blood in sulci, fissures and cisterns near a source) or IVH (layering blood in the ventricles)."
     s = int(rng.choice([-1, 1]))
@@ -410,6 +548,7 @@ def _plan_fill(rng, hd, sc, subtype, vol, hu):
     return Lesion(subtype, name, 'fill', vol, hu, tuple(c), rad,
                   dict(side=0, blood=rng.uniform(0.75, 1.0), w=tuple(map(float, np.exp(rng.uniform(-0.4, 0.4, 3))))))
 
+# %% ../nbs/05_synth.ipynb #a0116be5
 def plan_lesion(rng, hd: Head, subtype: str, vol: float, acuity: str = 'acute', contrast: float = 1.) -> Lesion:
     "Plan one hemorrhage of `subtype` with about `vol` mL for head `hd` (shape, site, attenuation)."
     if subtype not in ICH_SUBTYPES: raise ValueError(f'plan_lesion: unknown subtype {subtype!r}; use one of {ICH_SUBTYPES}')
@@ -419,15 +558,15 @@ def plan_lesion(rng, hd: Head, subtype: str, vol: float, acuity: str = 'acute', 
     elif subtype in ('subarachnoid', 'intraventricular'): les = _plan_fill(rng, hd, sc, subtype, vol, hu)
     elif subtype == 'subdural' and rng.random() < 0.12: les = _plan_falcine(rng, hd, sc, vol, hu)
     else: les = _plan_lens(rng, hd, subtype, vol, hu)
-    les.p['contrast'] = contrast
+    les.p['contrast'] = contrast; les.p['acuity'] = acuity
     if subtype == 'subdural' and acuity == 'chronic' and rng.random() < 0.3:  # acute-on-chronic: dependent layer
-        les.p['layer'] = (float(rng.uniform(*ACUITY_HU['acute']['subdural'])), float(rng.uniform(0.0, 0.5)))
+        les.p['layer'] = (float(rng.uniform(*ACUITY_HU['acute']['subdural'])), float(rng.uniform(0.0, 0.5)) * les.radius)
         les.site += ' (acute on chronic)'
     return les
 
 # %% ../nbs/05_synth.ipynb #62deb807
 def _lens_h(les: Lesion, x, y, z):
-    "Thickness (mm) of an EDH/SDH lens at the points, measured inward from the inner table."
+    "Thickness (mm) of an EDH/SDH lens along the direction of the points, measured inward from the inner table."
     p = les.p; c = np.asarray(les.center, _f32); cn = float(np.linalg.norm(c))
     r = np.sqrt(x * x + y * y + z * z) + _f32(1e-3)
     cosang = (x * c[0] + y * c[1] + z * c[2]) / (r * _f32(cn))
@@ -436,38 +575,134 @@ def _lens_h(les: Lesion, x, y, z):
     if p['side']: h = h * np.clip(p['side'] * x * _f32(0.25), 0, 1)      # SDH tapers at the falx
     return h
 
+# %% ../nbs/05_synth.ipynb #7e5b1e7f
 def _lens_h_falcine(les: Lesion, x, y, z):
     "Thickness (mm) of an SDH along the falx, measured from the midline."
     p = les.p; c = les.center
     q = ((y - c[1]) ** 2 + (z - c[2]) ** 2) * _f32(1 / p['R'] ** 2)
     return _f32(p['h']) * np.maximum(1 - q * q, 0)
 
+# %% ../nbs/05_synth.ipynb #55485822
+MASS_EFFECT = dict(reserve_ml=4., reserve_atrophy_ml=20., area_mm2=8000., max_shift_mm=12., falx_mm=30., push_mm=25.,
+                   sigma_y=45., sigma_z=40., iph_push=0.15)  # mass-effect constants (see the prose)
+
+# %% ../nbs/05_synth.ipynb #baf3897a
+def _smooth01(t):
+    "Smoothstep: 0 for t <= 0, 1 for t >= 1, C1 in between."
+    t = np.clip(t, 0, 1)
+    return t * t * (3 - 2 * t)
+
+# %% ../nbs/05_synth.ipynb #b421eaeb
+class _Displacement:
+    "Mass effect of the planned lesions: a smooth displacement field (mm, head frame), evaluated where it acts."
+    def __init__(self, g: Grid, hd: Head, lesions: list, scale: float = 1.):
+        self.g, self.hd, self.terms, self.press, self.max_u = g, hd, [], [0., 0.], 0.
+        if scale <= 0: return
+        me = MASS_EFFECT; res = me['reserve_ml'] + me['reserve_atrophy_ml'] * hd.atrophy
+        for les in lesions:
+            if les.kind == 'fill': continue   # SAH and IVH fill existing CSF spaces (choice: no mass effect)
+            p, c = les.p, les.center
+            vm = les.target_ml * (1 + 0.25 * min((1 + p['oedema']) ** 3 - 1, 1) if les.kind == 'blob' else 1)  # + oedema
+            supra = les.kind != 'blob' or p['site'] in ('deep', 'lobar')
+            shift = scale * min(max(vm - res, 0) * 1000 / me['area_mm2'], me['max_shift_mm']) if supra and p['lat'] else 0.
+            if shift > 0.05:
+                zc = float(np.clip(c[2], -20 * hd.scale[2], 20 * hd.scale[2]))
+                self._add('shift', les, dict(M=shift, s=p['lat'], yc=c[1], zc=zc), None, shift)
+                self.press[(p['lat'] + 1) // 2] += shift
+            if les.kind in ('lens', 'falcine'):
+                D = me['push_mm'] + 1.5 * p['h']
+                self._add(les.kind, les, dict(D=D, k=scale), g.box(c, p['R'] + p['h'] + D), p['h'] * scale)
+            elif scale * (vm - 3) > 0:
+                re3 = 3 * me['iph_push'] * scale * (vm - 3) * 1000 / (4 * math.pi)   # part pushes, the rest destroys tissue
+                R = (3 * les.target_ml * 1000 / (4 * math.pi)) ** (1 / 3)
+                rcut = math.sqrt(re3 / 0.15) + R                           # beyond it the push is under 0.05 mm
+                self._add('iph', les, dict(re3=re3, R=R, v=les.target_ml), g.box(c, rcut), re3 ** (1 / 3))
+
+    def _add(self, kind, les, q, box, umax):
+        "Register one term with the slices it reaches (`box`, None: all) and its largest displacement."
+        ks = range(self.g.n) if box is None else range(box[0].start, box[0].stop)
+        self.terms.append((kind, les, q, set(ks))); self.max_u += umax
+
+    def at(self, k: int, x, y, z, d):
+        "Displacement `(ux, uy, uz)` and sulcal effacement (0..0.9) at head points of slice `k` (None if nothing acts there)."
+        terms = [t for t in self.terms if k in t[3]]
+        return self.field(terms, x, y, z, d) if terms else None
+
+# %% ../nbs/05_synth.ipynb #101fbccc
+@patch
+def field(self: _Displacement, terms, x, y, z, d):
+    "Sum of the displacement terms at head points `x, y, z` of inner-table depth `d`: `(ux, uy, uz, effacement)`."
+    me, sc = MASS_EFFECT, self.hd.scale
+    ux, uy, uz, eff = (np.zeros(np.broadcast(x, y, z).shape, _f32) for _ in range(4))
+    for kind, les, q, _ in terms:
+        if kind == 'shift':   # subfalcine shift: the hemisphere moves across, held at the skull and above the tentorium
+            G = np.exp(-((y - _f32(q['yc'])) * _f32(1 / (me['sigma_y'] * sc[1]))) ** 2
+                       - ((z - _f32(q['zc'])) * _f32(1 / (me['sigma_z'] * sc[2]))) ** 2)
+            a = G * _smooth01(d * _f32(1 / me['falx_mm'])) * _step((z * _f32(1 / sc[2]) + 30) * 0.25)
+            ux -= _f32(q['s'] * q['M']) * a
+            eff += (q['s'] * x > 0) * _f32(min(q['M'] / 12, 0.6)) * G
+        elif kind == 'lens':  # the brain under an extra-axial collection recedes by its thickness, compressed to depth D
+            h = _lens_h(les, x, y, z) * _f32(q['k']); D = _f32(q['D'])
+            w = np.clip((D - d) / (D - h), 0, 1)
+            a = h * w / (np.sqrt(x * x + y * y + z * z) + _f32(1e-3))
+            ux -= a * x; uy -= a * y; uz -= a * z
+            eff += np.clip(h * _f32(1 / 6), 0, 1) * np.clip(1 - d / D, 0, 1)
+        elif kind == 'falcine':  # the hemisphere beside the falx is pushed laterally
+            s = les.p['side']; h = _lens_h_falcine(les, x, y, z) * _f32(q['k']); D = _f32(q['D']); ax = s * x
+            w = np.clip((D - ax) / (D - h), 0, 1) * (ax > 0)
+            ux += _f32(s) * np.minimum(ax, h) * w
+            eff += np.clip(h * _f32(1 / 6), 0, 1) * np.clip(1 - ax / D, 0, 1) * (ax > 0)
+        else:                 # IPH: radial push of an incompressible sphere, held at the skull
+            c = les.center; rx, ry, rz = x - _f32(c[0]), y - _f32(c[1]), z - _f32(c[2])
+            r = np.sqrt(rx * rx + ry * ry + rz * rz) + _f32(1e-3)
+            P = r - np.cbrt(np.maximum(r * r * r - _f32(q['re3']), 0))
+            a = P / r * _smooth01(d * _f32(1 / 15))
+            ux += a * rx; uy += a * ry; uz += a * rz
+            eff += np.clip(1 - (r - _f32(q['R'])) / _f32(q['R'] + 5), 0, 1) * _f32(min(q['v'] / 15, 1))
+    return ux, uy, uz, np.minimum(eff, _f32(0.9))
+
+# %% ../nbs/05_synth.ipynb #30e9c5cc
+@patch
+def midline_shift(self: _Displacement) -> np.ndarray:
+    "Per-slice midline shift (mm): largest lateral displacement of the midline (falx, septum) below the falx's attachment."
+    g, hd = self.g, self.hd
+    if not self.terms: return np.zeros(g.n)
+    yp = np.linspace(-1.2 * hd.b, 1.2 * hd.b, 97, dtype=_f32)[None]
+    Y, Z = g.cp * yp + g.sp * g.zs[:, None], -g.sp * yp + g.cp * g.zs[:, None]
+    X = np.zeros_like(Y)
+    dep = lambda X: vault(hd, X, Y, Z, g.sp, g.cp, g.dz, g.px)[0]
+    ok = (dep(X) > 10) & (Z * _f32(1 / hd.scale[2]) > -25)
+    for _ in range(2): X = self.field(self.terms, X, Y, Z, dep(X))[0]   # where the midline tissue ends up (fixed point)
+    return np.where(ok, np.abs(X), 0).max(1).astype(float)
+
+# %% ../nbs/05_synth.ipynb #3d15eef7
 class _Anatomy:
-    "Renders a normal head slice by slice: HU before the scanner, cavity fraction, CSF and ventricle fractions."
-    def __init__(self, g: Grid, hd: Head, rng, blobs: list, lesions: list, holder: bool, tissue: bool):
-        self.g, self.hd, self.blobs = g, hd, blobs
-        self.lens = [l for l in lesions if l.kind == 'lens']
+    "Renders a head slice by slice: HU before the scanner, cavity, bone, CSF and ventricle fractions, cavity content."
+    def __init__(self, g: Grid, hd: Head, rng, blobs: list, disp: _Displacement, holder: bool, tissue: bool, kernel=(0., 0.)):
+        self.g, self.hd, self.blobs, self.disp, self.kernel, self._seen = g, hd, blobs, disp, kernel, {}
         sh = (g.n, g.size, g.size)
-        self.hu = np.full(sh, -1000., _f32); self.cav = np.zeros(sh, _f32)
-        self.csf = np.zeros(sh, _f32); self.vent = np.zeros(sh, _f32)
+        self.hu = np.full(sh, -1000., _f32); self.cav = np.zeros(sh, _f32); self.bone = np.zeros(sh, _f32)
+        self.csf = np.zeros(sh, _f32); self.vent = np.zeros(sh, _f32); self.inner = np.zeros(sh, _f32)
         self.tis = np.zeros(sh, np.uint8) if tissue else None
-        self.bone_mm2 = np.zeros(g.n); self.petrous = np.zeros(g.n)
+        self.petrous = np.zeros(g.n)
         self.xt = g.x * _f32(1 / g.scale[0])
         u, vp = g.x * _f32(1 / hd.a), g.yp * _f32(1 / hd.b)
         cos_lat = np.abs(u) / (np.sqrt(u * u + vp * vp) + _f32(1e-3))  # 1 at the temples, 0 front and back
         self.temporal = (hd.temporalis * np.clip((cos_lat - 0.55) / 0.45, 0, 1) ** 1.5).astype(_f32)
-        self.sulci = _Waves(g, *_waves(rng, 8, (24, 40)), step=2)   # evaluated every 2nd pixel and upsampled
+        self.sulci = _Sulci(rng, hd)
         self.folia = _Waves(g, *_waves(rng, 5, (6, 10)))
         self.tex = smooth_field(rng, (2, g.size, g.size), 3.5 / g.px)  # two 2-D textures mixed per slice
         self.tex_ang = rng.uniform(0, 2 * np.pi, g.n)
         self.holder = _holder(g, hd, rng.uniform(250, 450)) if holder else None
         self.holder_rows = np.flatnonzero(self.holder.max(1) > 0.5)[[0, -1]] + [0, 1] if holder else None
         self.bbox = _head_bbox(g, hd)
-        self.low = (-g.sp * np.abs(g.yp).max() + g.cp * g.zs) / g.scale[2] < -12  # slices reaching the skull base
+        ymax = float(np.abs(g.yp).max() + np.abs(g.ts).max())
+        self.low = (-g.sp * ymax + g.cp * g.zs) / g.scale[2] < -12  # slices reaching the skull base
         self.by_slice = [[] for _ in range(g.n)]
-        for b in blobs:  # extent of the pitched ellipsoid along the scanner axis, and in plane
-            rx, ry, rz = b.semi
-            b.box = g.box(b.center, max(rx, math.hypot(g.cp * ry, g.sp * rz)) + 2, math.hypot(g.sp * ry, g.cp * rz) + 2)
+        m = 2 + disp.max_u   # the mass effect moves blobs by at most max_u: along the normal, the box grows by it
+        for b in blobs:      # extent of the pitched ellipsoid along the slice normal, and in plane (grown per slice)
+            rx, ry, rz = b.semi; f = 1.3 if b.lump else 1.
+            b.box = g.box(b.center, max(rx, math.hypot(g.cp * ry, g.sp * rz)) * f + 2, math.hypot(g.sp * ry, g.cp * rz) * f + m)
             if b.box is not None:
                 for k in range(b.box[0].start, b.box[0].stop): self.by_slice[k].append(b)
         self.band = np.nonzero(np.abs(g.x) < 4.)  # pixels near the midline: falx, sagittal and straight sinuses
@@ -479,23 +714,55 @@ class _Anatomy:
             if self.bbox[k] is not None: self._slice(k)
         return self
 
+# %% ../nbs/05_synth.ipynb #f7b0b7d2
+@dataclass
+class _Warp:
+    "Where the brain tissue shown at the pixels of a slice box comes from (head frame), and its depth below the brain surface."
+    x: np.ndarray; y: np.ndarray; z: np.ndarray   # full-resolution source points
+    q: np.ndarray                                 # inner-table depth of the source points (mm)
+    half: tuple                                   # source points at every 2nd pixel
+    qh: np.ndarray = None                         # their inner-table depth
+    eff: np.ndarray = None                        # sulcal effacement at every 2nd pixel (None: none)
+    moved: bool = False                           # whether any displacement acts on this slice
+    umax: float = 0.                              # the largest displacement on this slice (mm)
+    def crop(self, r0: int, r1: int, c0: int, c1: int):
+        "The part of this warp on rows `r0:r1`, columns `c0:c1` of the box (`r0`, `c0` even: the half grid stays aligned)."
+        f, hf = (slice(r0, r1), slice(c0, c1)), (slice(r0 // 2, (r1 + 1) // 2), slice(c0 // 2, (c1 + 1) // 2))
+        return _Warp(self.x[f], self.y[f], self.z[f], self.q[f], tuple(a[hf] for a in self.half), self.qh[hf],
+                     None if self.eff is None else self.eff[hf], self.moved, self.umax)
+
+# %% ../nbs/05_synth.ipynb #cd9d2b7d
+@patch
+def _warp(self: _Anatomy, k, x, y, z, half, d_half, d_in):
+    "The source points of slice `k` under the mass effect (the identity where no lesion pushes)."
+    U = self.disp.at(k, *half, d_half)
+    if U is None: return _Warp(x, y, z, d_in, half, d_half)
+    h, w = x.shape; g = self.g
+    hx, hy, hz = half[0] - U[0], half[1] - U[1], half[2] - U[2]
+    qh = vault(self.hd, hx, hy, hz, g.sp, g.cp, g.dz, g.px)[0]
+    umax = float(max(np.abs(u).max() for u in U[:3]))
+    return _Warp(x - _up2(U[0], h, w), y - _up2(U[1], h, w), z - _up2(U[2], h, w), _up2(qh, h, w), (hx, hy, hz), qh, U[3],
+                 True, umax)
+
 # %% ../nbs/05_synth.ipynb #50f1b769
 @patch
 def _slice(self: _Anatomy, k):
     "Render slice `k` inside the head box."
     g, hd = self.g, self.hd
     i0, i1, j0, j1 = self.bbox[k]; ii, jj = slice(i0, i1), slice(j0, j1)
-    z = g.zs[k]; x = g.x[ii, jj]; y, zz = g.yz(z, ii, jj)
+    x = g.x[ii, jj]; y, zz = g.yz(k, ii, jj)
     h, w = x.shape; c2 = (slice(None, None, 2), slice(None, None, 2))   # smooth fields: every 2nd pixel, upsampled
-    d_in, dl_in, t = (_up2(a, h, w) for a in vault(hd, x[c2], y[c2], zz[c2], g.sp, g.cp, g.dz, g.px))
-    skin = -(t + _f32(hd.scalp) + self.temporal[ii, jj] * _f32(_step((20 - z) / 6) * _step((z + 50) / 6)))
-    q = d_in
-    for les in self.lens: q = self._mass_effect(les, k, x, y, zz, q)
+    half = (x[c2], y[c2], zz[c2])
+    v2 = vault(hd, *half, g.sp, g.cp, g.dz, g.px)
+    d_in, dl_in, t = (_up2(a, h, w) for a in v2)
+    skin = -(t + _f32(hd.scalp) + self.temporal[ii, jj] * _f32(_step((20 - g.zs[k]) / 6) * _step((g.zs[k] + 50) / 6)))
+    W = self._warp(k, x, y, zz, half, v2[0], d_in)
+    q = W.q
     yt, zt = y * _f32(1 / g.scale[1]), zz * _f32(1 / g.scale[2])
     ridge = infra = d_t = d_f = base = None
     if self.low[k]:
         xt2, yt2 = self.xt[ii, jj][c2], yt[c2]
-        f, ridge = (_up2(a, h, w) for a in floor_height(xt2, yt2))
+        f, ridge = (_up2(a, h, w) for a in floor_height(xt2, yt2, hd.base))
         d_f = zz - f * _f32(g.scale[2])
         zten, tex = (_up2(a, h, w) for a in tentorium(xt2, yt2))
         d_t = np.where(tex > 0.5, (zt - zten) * _f32(g.scale[2]), _f32(1e3))   # >0 above the tentorium
@@ -504,65 +771,69 @@ def _slice(self: _Anatomy, k):
         dl = np.where(base, _f32(g.dz / 2 * g.cp), dl_in); tb = np.where(base, 4 + 22 * ridge, t)
         q = np.minimum(np.minimum(q, d_f), np.abs(d_t) - 0.6)
     else: D, dl, tb = d_in, dl_in, t
-    brain, csf = self._cortex(k, ii, jj, x, yt, zt, q)
-    if infra is not None: self._cerebellum(k, ii, jj, d_in, d_f, d_t, infra, brain, csf)
-    self.csf[k, ii, jj] = csf
-    for b in self.by_slice[k]:
-        if b.layer == 'brain': self._paint_blob(b, k, brain, (i0, j0))
+    r, c = np.nonzero((D + dl > 0)[::2, ::2])                  # the brain only where the cavity reaches
+    brain = np.zeros_like(d_in)
+    if len(r):
+        r0, r1, c0, c1 = 2 * max(r.min() - 1, 0), min(2 * r.max() + 3, h), 2 * max(c.min() - 1, 0), min(2 * c.max() + 3, w)
+        f = (slice(r0, r1), slice(c0, c1)); Wb = W.crop(r0, r1, c0, c1); sub = (i0 + r0, i0 + r1, j0 + c0, j0 + c1)
+        bs, cs = self._cortex(k, sub, Wb, q[f])
+        if infra is not None: self._cerebellum(k, sub, d_in[f], d_f[f], d_t[f], infra[f], bs, cs)
+        self.csf[k, sub[0]:sub[1], sub[2]:sub[3]] = cs
+        for b in self.by_slice[k]:
+            if b.layer == 'brain': self._paint_blob(b, k, bs, Wb, sub)
+        brain[f] = bs
+    self.inner[k, ii, jj] = brain
     hu, gc, gb = self._compose(d_in, dl_in, skin, D, dl, tb, ridge, brain)
     if self.holder is not None:  # the holder shows only outside the skin
         r0, r1 = max(self.holder_rows[0], i0) - i0, min(self.holder_rows[1], i1) - i0
         if r1 > r0: hu[r0:r1] += self.holder[i0 + r0:i0 + r1, jj] * (1 - _pv(d_in[r0:r1] - skin[r0:r1], dl_in[r0:r1]))
     self.hu[k, ii, jj] = hu; self.cav[k, ii, jj] = gc
-    bone = gb - gc
-    self.bone_mm2[k] = float(bone.sum()) * g.px ** 2
+    bone = gb - gc; self.bone[k, ii, jj] = bone
     if ridge is not None: self.petrous[k] = float((ridge * bone * base).sum()) * g.px ** 2
     if self.tis is not None: self._tissue(k, ii, jj, d_in, skin, D, tb, ridge, infra)
     for b in self.by_slice[k]:
-        if b.layer == 'head': self._paint_blob(b, k, None, (i0, j0))
-    self._dura(k, ii, jj, d_in, yt, zt, d_t, dl)
-
-@patch
-def _mass_effect(self: _Anatomy, les, k, x, y, z, q):
-    "The brain surface recedes under an extra-axial haematoma."
-    box = self.g.box(les.center, les.radius)
-    if box is None or not (box[0].start <= k < box[0].stop): return q
-    return q - _lens_h(les, x, y, z)
+        if b.layer == 'head': self._paint_blob(b, k, None, W, self.bbox[k])
+    self._dura(k, ii, jj, d_in, yt, zt, W, d_t, dl)
 
 # %% ../nbs/05_synth.ipynb #be5273a5
 @patch
-def _cortex(self: _Anatomy, k, ii, jj, x, yt, zt, q):
-    "Grey/white matter with sulci, fissures and texture; returns brain HU and the subarachnoid CSF fraction."
-    g, hd = self.g, self.hd
-    at = hd.atrophy
+def _cortex(self: _Anatomy, k, box, W: _Warp, q):
+    "Grey/white matter with sulci, fissures and texture in `box` of slice `k`; returns brain HU and the sulcal CSF fraction."
+    g, hd = self.g, self.hd; ii, jj = slice(box[0], box[1]), slice(box[2], box[3])
+    at = hd.atrophy; h, w = q.shape
+    yt, zt = W.y * _f32(1 / g.scale[1]), W.z * _f32(1 / g.scale[2])
     core = (np.abs(yt) < 40) & (zt < 20 - 0.004 * yt * yt) & (zt > -45)  # corpus callosum and diencephalon
-    fis = np.where(core, _f32(1e3), np.abs(x) - _f32(0.5 + 1.0 * at))   # interhemispheric fissure
-    q = np.minimum(q, fis) - _f32(0.6 + 2.2 * at)                       # depth below the brain surface
-    e = np.abs(_up2(self.sulci(g.zs[k], slice(ii.start // 2, (ii.stop + 1) // 2), slice(jj.start // 2, (jj.stop + 1) // 2)), *q.shape)) * _f32(1 / self.sulci.grms)
-    ws = np.clip(1 - q * _f32(1 / hd.sulc_depth), 0.25, 1) * _f32(hd.sulc_mm)   # sulci taper towards the fundus
-    dc = np.minimum(q, np.maximum(e - ws, q - _f32(hd.sulc_depth)))     # distance to the nearest CSF
+    fis = np.where(core, _f32(1e3), np.abs(W.x) - _f32(0.5 + 1.0 * at))  # interhemispheric fissure
+    q = np.minimum(q, fis) - _f32(0.6 + 2.2 * at)                        # depth below the brain surface
+    e2, dep2 = self.sulci(*W.half, W.qh - _f32(0.6 + 2.2 * at))
+    e, dep = np.abs(_up2(e2, h, w)), _up2(dep2 * _f32(hd.sulc_depth), h, w)
+    ws = np.clip(1 - q / dep, 0.25, 1) * _f32(hd.sulc_mm)                # sulci taper towards the fundus
+    if W.eff is not None: ws = ws * (1 - _up2(W.eff, h, w))              # effaced by the mass effect
+    dc = np.minimum(q, np.maximum(e - ws, q - dep))                      # distance to the nearest CSF
     zlo, zhi = float(zt.min()), float(zt.max())
     if zlo < 10 and zhi > -40:  # Sylvian fissures
-        ax = np.abs(self.xt[ii, jj])
-        syl = np.abs(yt - (-6 + 0.45 * (ax - 40) + 0.2 * zt)) * _f32(0.9 * g.scale[1]) - _f32(1.2 + 2 * at)
+        ax = np.abs(W.x) * _f32(1 / g.scale[0])
+        b = hd.base; wav = 3 * np.sin(ax * _f32(0.16) + _f32(3 * b[1])) + 2 * np.sin(zt * _f32(0.2) + _f32(3 * b[3]))
+        syl = np.abs(yt - (-6 + 0.45 * (ax - 40) + 0.2 * zt + wav)) * _f32(0.9 * g.scale[1]) - _f32(1.2 + 2 * at)
         syl = np.maximum(np.maximum(syl, (34 - ax) * _f32(g.scale[0])), np.maximum(zt - 6, -28 - zt) * _f32(g.scale[2]))
         dc = np.minimum(dc, syl)
-    dlc = _f32(max(g.px / 2, 0.3 * g.dz))  # folded surfaces cross the 5 mm slab obliquely
+    dlc = _f32(max(g.px / 2, 0.3 * g.dz))  # folded surfaces cross the slab obliquely
     g0, g1 = _pv(dc, dlc), _pv(dc - _f32(hd.gm_mm), _f32(g.px))
     a = self.tex_ang[k]
     tex = self.tex[0, ii, jj] * _f32(hd.tex_hu * math.cos(a)) + self.tex[1, ii, jj] * _f32(hd.tex_hu * math.sin(a))
     brain = hd.csf_hu + (hd.grey_hu - hd.csf_hu) * g0 + (hd.white_hu - hd.grey_hu) * g1 + tex * g0
     return brain, 1 - g0
 
+# %% ../nbs/05_synth.ipynb #149818d1
 @patch
-def _cerebellum(self: _Anatomy, k, ii, jj, d_in, d_f, d_t, infra, brain, csf):
-    "Cerebellar hemispheres and vermis with folia below the tentorium (in place)."
-    g, hd = self.g, self.hd
+def _cerebellum(self: _Anatomy, k, box, d_in, d_f, d_t, infra, brain, csf):
+    "Cerebellar hemispheres and vermis with folia below the tentorium, in `box` of slice `k` (in place)."
+    g, hd = self.g, self.hd; ii, jj = slice(box[0], box[1]), slice(box[2], box[3])
     r = np.nonzero(infra.max(1) > 0)[0]
     if len(r) == 0: return
     rr = slice(r[0], r[-1] + 1)
     qc = np.minimum(np.minimum(d_in[rr], d_f[rr]), -d_t[rr]) - _f32(0.5 + 1.5 * hd.atrophy)
-    e = np.abs(self.folia(g.zs[k], slice(ii.start + r[0], ii.start + r[-1] + 1), jj)) * _f32(1 / self.folia.grms)
+    e = np.abs(self.folia(k, slice(ii.start + r[0], ii.start + r[-1] + 1), jj)) * _f32(1 / self.folia.grms)
     dcb = np.minimum(qc, np.maximum(e - _f32(0.15 + 0.4 * hd.atrophy), qc - 9))
     g0 = _pv(dcb, _f32(max(g.px / 2, 0.35 * g.dz)))  # thin folia, strongly averaged by the slab
     cb = hd.csf_hu + (hd.cbl_hu - hd.csf_hu) * g0
@@ -571,17 +842,19 @@ def _cerebellum(self: _Anatomy, k, ii, jj, d_in, d_f, d_t, infra, brain, csf):
 
 # %% ../nbs/05_synth.ipynb #aff2d487
 @patch
-def _paint_blob(self: _Anatomy, b: Blob, k, brain, off):
-    "Paint an ellipsoid into slice `k` with partial volume: into the brain value (`brain`) or the composed HU."
+def _paint_blob(self: _Anatomy, b: Blob, k, brain, W: _Warp, box):
+    "Paint an ellipsoid into slice `k` with partial volume: into the brain value (`brain`) or the HU; `W` covers `box`."
     g = self.g
-    i0, i1, j0, j1 = self.bbox[k]
-    ii = slice(max(b.box[1].start, i0), min(b.box[1].stop, i1)); jj = slice(max(b.box[2].start, j0), min(b.box[2].stop, j1))
+    i0, i1, j0, j1 = box
+    e = math.ceil(W.umax / g.px)    # displaced tissue comes from up to umax away
+    ii = slice(max(b.box[1].start - e, i0), min(b.box[1].stop + e, i1))
+    jj = slice(max(b.box[2].start - e, j0), min(b.box[2].stop + e, j1))
     if ii.start >= ii.stop or jj.start >= jj.stop: return
-    x = g.x[ii, jj]; y, z = g.yz(g.zs[k], ii, jj)
-    sd, dl = _ell(x, y, z, b.center, b.semi, g.sp, g.cp, g.dz, g.px)
+    li, lj = slice(ii.start - i0, ii.stop - i0), slice(jj.start - j0, jj.stop - j0)
+    sd, dl = _ell(W.x[li, lj], W.y[li, lj], W.z[li, lj], b.center, b.semi, g.sp, g.cp, g.dz, g.px, b.lump)
     f = _pv(sd, dl)
     if brain is not None:
-        v = brain[ii.start - off[0]:ii.stop - off[0], jj.start - off[1]:jj.stop - off[1]]
+        v = brain[li, lj]
         v += f * (_f32(b.hu) - v)
         c = self.csf[k, ii, jj]
         if b.store == 'vent': np.maximum(self.vent[k, ii, jj], f, out=self.vent[k, ii, jj]); c *= 1 - f
@@ -594,6 +867,7 @@ def _paint_blob(self: _Anatomy, b: Blob, k, brain, off):
     if self.tis is not None:
         t = self.tis[k, ii, jj]; t[(f > 0.5) & ((t == _T['air']) if b.raise_only else True)] = _T[b.tissue]
 
+# %% ../nbs/05_synth.ipynb #e005b860
 @patch
 def _compose(self: _Anatomy, d_in, dl_in, skin, D, dl, tb, ridge, brain):
     "Scalp, fat, skull tables, diploe, skull base and brain, each weighted by its slab fraction."
@@ -615,15 +889,18 @@ def _compose(self: _Anatomy, d_in, dl_in, skin, D, dl, tb, ridge, brain):
 
 # %% ../nbs/05_synth.ipynb #3d198000
 @patch
-def _dura(self: _Anatomy, k, ii, jj, d_in, yt, zt, d_t, dl):
-    "Falx, superior sagittal and straight sinuses (midline band); tentorium and transverse sinuses (low slices)."
+def _dura(self: _Anatomy, k, ii, jj, d_in, yt, zt, W: _Warp, d_t, dl):
+    "Falx, superior sagittal and straight sinuses (midline band, moved by the mass effect); tentorium and transverse sinuses."
     g, hd = self.g, self.hd
-    bi, bj = self.band
-    sel = (bi >= ii.start) & (bi < ii.stop) & (bj >= jj.start) & (bj < jj.stop)
-    bi, bj = bi[sel], bj[sel]
-    if len(bi):
-        li, lj = bi - ii.start, bj - jj.start
-        ax, d, y, z = np.abs(g.x[bi, bj]), d_in[li, lj], yt[li, lj], zt[li, lj]
+    if W.moved: li, lj = np.nonzero(np.abs(W.x) < 4)
+    else:
+        bi, bj = self.band
+        sel = (bi >= ii.start) & (bi < ii.stop) & (bj >= jj.start) & (bj < jj.stop)
+        li, lj = bi[sel] - ii.start, bj[sel] - jj.start
+    if len(li):
+        bi, bj = li + ii.start, lj + jj.start
+        ax, d = np.abs(W.x[li, lj]), d_in[li, lj]
+        y, z = W.y[li, lj] * _f32(1 / g.scale[1]), W.z[li, lj] * _f32(1 / g.scale[2])
         core = (np.abs(y) < 40) & (z < 20 - 0.004 * y * y) & (z > -45)
         cav = self.cav[k, bi, bj]
         fal = _pv(0.4 - ax, _f32(g.px / 2)) * ~core * ~((z < -28) & (y > 10)) * cav
@@ -648,6 +925,7 @@ def _dura(self: _Anatomy, k, ii, jj, d_in, yt, zt, d_t, dl):
         if self.tis is not None:
             t = self.tis[k, ii, jj]; t[ten > 0.5] = _T['dura']; t[ts > 0.5] = _T['venous']
 
+# %% ../nbs/05_synth.ipynb #eece328b
 @patch
 def _tissue(self: _Anatomy, k, ii, jj, d_in, skin, D, tb, ridge, infra):
     "Tissue label of each voxel centre (for tests and histograms)."
@@ -668,56 +946,96 @@ def _tissue(self: _Anatomy, k, ii, jj, d_in, skin, D, tb, ridge, infra):
     lab[m] = keep[m]
     self.tis[k, ii, jj] = lab
 
-# %% ../nbs/05_synth.ipynb #93601f5a
-def _blood(hu, box, f, les: Lesion, y=None):
-    "Blend blood into `hu[box]` with weight `f` (partial volume x contrast); dependent layer if acute-on-chronic."
-    target = _f32(les.blood_hu)
-    if 'layer' in les.p and y is not None:
-        acute, frac = les.p['layer']
-        target = target + (acute - target) * _step((y - les.center[1] - frac * les.radius) * 0.8)
-    v = hu[box]; v += f * _f32(les.p.get('contrast', 1.)) * (target - v)
+# %% ../nbs/05_synth.ipynb #1beb3711
+def kernel_mtf(f,                      # radial spatial frequency (cycles/mm), any shape
+               blur_mm: float,         # Gaussian sigma of the kernel (mm)
+               edge_gain: float = 0.,  # edge enhancement: the MTF rises towards 1 + edge_gain above ~0.2 cycles/mm
+              ):
+    "Modulation transfer function of the reconstruction kernel: a Gaussian, optionally edge-enhanced (sharp kernels)."
+    f2 = np.asarray(f, _f32) ** 2
+    t = np.exp(_f32(-2 * np.pi ** 2 * blur_mm ** 2) * f2)
+    if edge_gain: t = t * (1 + _f32(edge_gain) * (1 - np.exp(_f32(-2 * np.pi ** 2) * f2)))   # unsharp mask, sigma 1 mm
+    return t
 
-def _paint_lens(A: _Anatomy, les: Lesion, box):
-    "EDH / SDH: the lens between the inner table and its inner surface."
+# %% ../nbs/05_synth.ipynb #8d1fd9b7
+def _rfreq(size: int, px: float) -> np.ndarray:
+    "Radial frequency (cycles/mm) of the `rfft2` grid of a `size` x `size` image with pixel `px` (mm)."
+    fy, fx = np.fft.fftfreq(size, px).astype(_f32)[:, None], np.fft.rfftfreq(size, px).astype(_f32)[None, :]
+    return np.sqrt(fx * fx + fy * fy)
+
+# %% ../nbs/05_synth.ipynb #1ff39849
+@patch
+def bone_seen(self: _Anatomy, ks: slice) -> np.ndarray:
+    "Bone fraction of slices `ks` as the reconstruction kernel spreads it (`kernel_mtf` applied; cached per slice)."
+    g = self.g
+    for k in range(ks.start, ks.stop):
+        if k not in self._seen:
+            b = self.bone[k]
+            if self.kernel[0] > 0 or self.kernel[1]:
+                b = sfft.irfft2(sfft.rfft2(b) * kernel_mtf(_rfreq(g.size, g.px), *self.kernel), s=b.shape)
+            self._seen[k] = b
+    return np.stack([self._seen[k] for k in range(ks.start, ks.stop)])
+
+# %% ../nbs/05_synth.ipynb #8c25166a
+VISIBLE = dict(blood=0.5, bone=0.2, bone_seen=0.03)  # blood fills >= half the voxel, bone <= a fifth, and the kernel
+                                                     # spreads at most 3 % of bone signal into it
+
+# %% ../nbs/05_synth.ipynb #d080e66e
+def _blood_target(les: Lesion, y, shape):
+    "Blood attenuation at each voxel: the lesion's HU, a dependent denser layer (fluid level) or a swirl of fresh blood."
+    t = np.full(shape, les.blood_hu, _f32)
+    if 'layer' in les.p:   # patient supine: cells settle posteriorly (larger y)
+        dense, off = les.p['layer']
+        t = t + _f32(dense - les.blood_hu) * _step((y - _f32(les.center[1] + off)) * 0.8)
+    return t
+
+# %% ../nbs/05_synth.ipynb #8a5006c1
+def _lens_fraction(A: _Anatomy, les: Lesion, box):
+    "EDH / SDH: blood fraction of each voxel of `box` (the slab between the inner table, or the falx, and the lens surface)."
     g, hd = A.g, A.hd
     x, y, z = g.coords(box)
-    d, dl, _ = vault(hd, x, y, z, g.sp, g.cp, g.dz, g.px)
-    if les.kind == 'falcine':
-        xx = les.p['side'] * x
-        sd = np.minimum(np.minimum(xx - 0.5, 0.5 + _lens_h_falcine(les, x, y, z) - xx), d); dl = np.full_like(d, g.px / 2)
-    else: sd = np.minimum(d, _lens_h(les, x, y, z) - d)
     cav = A.cav[box]
-    sd = np.where(cav > 0, sd, np.minimum(sd, -1))
-    _blood(A.hu, box, _pv(sd, dl) * np.minimum(cav * 2, 1), les, y)
-    return sd > 0
+    if les.kind == 'falcine':
+        xx = les.p['side'] * x; pxh = _f32(g.px / 2)
+        f = _pv(xx - 0.5, pxh) - _pv(xx - 0.5 - _lens_h_falcine(les, x, y, z), pxh)
+    else:
+        d, dl, _ = vault(hd, x, y, z, g.sp, g.cp, g.dz, g.px)
+        h = _lens_h(les, x, y, z)
+        f = (cav - _pv(d - h, dl)) * (h > 0)   # the cavity part shallower than the lens' inner surface
+    return np.clip(np.minimum(f, cav), 0, 1), y
 
-def _paint_iph(A: _Anatomy, les: Lesion, box):
-    "IPH: lumpy ellipsoid of blood, oedema rim lowering the surrounding parenchyma."
+# %% ../nbs/05_synth.ipynb #f6be1f72
+def _iph_fraction(A: _Anatomy, les: Lesion, box):
+    "IPH: blood fraction of each voxel of `box` (lobulated ellipsoid), the oedema weight around it, and its swirl."
     g = A.g; p = les.p; c = les.center
     x, y, z = g.coords(box)
     _, dl = _ell(x, y, z, c, p['semi'], g.sp, g.cp, g.dz, g.px)
-    ux, uy, uz = ((x - c[0]) / p['semi'][0], (y - c[1]) / p['semi'][1], (z - c[2]) / p['semi'][2])
-    lump = sum(np.cos(kv[0] * (x - c[0]) + kv[1] * (y - c[1]) + kv[2] * (z - c[2]) + ph) for kv, ph in zip(p['kv'], p['ph']))
-    rho = np.sqrt(ux * ux + uy * uy + uz * uz) * (1 + 0.1 * lump)
+    rx, ry, rz = x - _f32(c[0]), y - _f32(c[1]), z - _f32(c[2])
+    ux, uy, uz = rx * _f32(1 / p['semi'][0]), ry * _f32(1 / p['semi'][1]), rz * _f32(1 / p['semi'][2])
+    lump = sum(_f32(a) * np.cos(kv[0] * rx + kv[1] * ry + kv[2] * rz + ph) for a, kv, ph in zip(p['amp'], p['kv'], p['ph']))
+    rho = np.sqrt(ux * ux + uy * uy + uz * uz); rho = rho + lump * np.minimum(rho, 1)   # irregular outline, no islands
     cav, csf = A.cav[box], A.csf[box]
     sd = np.where(cav > 0.5, (1 - rho) * _f32(np.prod(p['semi']) ** (1 / 3)), _f32(-1))
     e = p['oedema']
-    oed = np.clip((1 + e - rho) / e, 0, 1) * (rho > 1) * cav * (1 - csf)
-    v = A.hu[box]; v -= _f32(p['drop']) * oed
-    _blood(A.hu, box, _pv(sd, dl) * cav * (1 - csf * 0.5), les)
-    if A.tis is not None:
-        t = A.tis[box]; t[(oed > 0.5) & np.isin(t, [_T['grey'], _T['white'], _T['deep_grey']])] = _T['oedema']
-    return sd > 0
+    oed = np.clip((1 + e - rho) / _f32(0.5 * e), 0, 1) * (rho > 1) * cav * (1 - csf)   # flat, then fading over half the rim
+    swirl = None
+    if 'swirl' in p:
+        hu_drop, kv, ph = p['swirl']
+        s = sum(np.cos(k[0] * rx + k[1] * ry + k[2] * rz + q) for k, q in zip(kv, ph))
+        swirl = _f32(hu_drop) * np.clip(s - 0.5, 0, 1) * np.clip(1.5 - 1.5 * rho, 0, 1)   # hypodense islands inside
+    return np.minimum(_pv(sd, dl) * cav, 1 - 0.5 * csf), y, oed, swirl
 
-def _paint_fill(A: _Anatomy, les: Lesion, box, mask, rng):
-    "SAH / IVH: blood fills the nearest (SAH) or most dependent (IVH) CSF voxels up to the target volume."
+# %% ../nbs/05_synth.ipynb #9a6a5f92
+def _fill_fraction(A: _Anatomy, les: Lesion, box, mask, rng):
+    "SAH / IVH: blood fraction of the CSF voxels nearest to the source (SAH) or most dependent (IVH), up to the target volume."
     g = A.g; c = les.center
     frac = (A.vent if les.subtype == 'intraventricular' else A.csf)[box]
     x, y, z = g.coords(box)
     cand = (frac >= 0.5) & (A.cav[box] > 0.5) & (mask[box] == 0)
     if les.p['side']: cand &= (les.p['side'] * x > -1)
     idx = np.nonzero(cand)
-    if len(idx[0]) == 0: return np.zeros(frac.shape, bool)
+    f = np.zeros(frac.shape, _f32)
+    if len(idx[0]) == 0: return f, y
     X, Y, Z = (np.broadcast_to(a, frac.shape)[idx] for a in (x, y, z))
     if les.subtype == 'intraventricular': score = -Y + rng.normal(0, 1.5, len(Y))  # supine: occipital horns first
     else:
@@ -725,49 +1043,98 @@ def _paint_fill(A: _Anatomy, les: Lesion, box, mask, rng):
         score = np.sqrt(w[0] * (X - c[0]) ** 2 + w[1] * (Y - c[1]) ** 2 + w[2] * (Z - c[2]) ** 2) + rng.normal(0, 3, len(X))
     n_target = int(round(les.target_ml * 1000 / (g.dz * g.px * g.px)))
     n = max(1, min(n_target, int(len(score) * (0.85 if les.subtype == 'intraventricular' else 1.))))
-    sel = np.zeros(frac.shape, bool); sel[tuple(i[np.argpartition(score, n - 1)[:n]] for i in idx)] = True
-    _blood(A.hu, box, np.where(sel, frac * _f32(les.p['blood']), _f32(0)), les)
-    return sel
+    sel = tuple(i[np.argpartition(score, n - 1)[:n]] for i in idx)
+    f[sel] = frac[sel] * _f32(les.p['blood'])
+    return f, y
 
+# %% ../nbs/05_synth.ipynb #93601f5a
 def paint_lesion(A: _Anatomy, les: Lesion, mask: np.ndarray, rng) -> int:
-    "Paint one planned lesion into the anatomy HU and `mask` (its `SUBTYPE_CODE`); return its number of voxels."
+    "Paint one planned lesion into the anatomy and `mask` (its `SUBTYPE_CODE` where blood is visible); return its voxel count."
     box = A.g.box(les.center, les.radius)
     if box is None: return 0
-    if les.kind in ('lens', 'falcine'): sel = _paint_lens(A, les, box)
-    elif les.kind == 'blob': sel = _paint_iph(A, les, box)
-    else: sel = _paint_fill(A, les, box, mask, rng)
-    sel = sel & (A.cav[box] > 0.5)
+    oed = swirl = None
+    if les.kind in ('lens', 'falcine'): f, y = _lens_fraction(A, les, box)
+    elif les.kind == 'blob': f, y, oed, swirl = _iph_fraction(A, les, box)
+    else: f, y = _fill_fraction(A, les, box, mask, rng)
+    seen = A.bone_seen(box[0])[:, box[1], box[2]]
+    sel = (f >= VISIBLE['blood']) & (A.bone[box] <= VISIBLE['bone']) & (seen <= VISIBLE['bone_seen'])
+    n = int(sel.sum())
+    if n == 0: return 0                     # nothing visible: not painted (the caller re-draws it)
+    target = _blood_target(les, y, f.shape)
+    if swirl is not None: target -= swirl
+    v = A.hu[box]; c = _f32(les.p.get('contrast', 1.))
+    if oed is not None: v -= _f32(les.p['drop']) * oed; A.inner[box] -= _f32(les.p['drop']) * oed
+    base = A.inner[box] if les.kind != 'fill' else _f32(A.hd.csf_hu)   # what the blood displaces: cavity content, or CSF
+    v += f * c * (target - base)
+    A.inner[box] += f * (target - base)
     m = mask[box]; m[sel] = SUBTYPE_CODE[les.subtype]
-    if A.tis is not None: t = A.tis[box]; t[sel] = _T['blood']
-    return int(sel.sum())
+    if A.tis is not None:
+        t = A.tis[box]
+        if oed is not None: t[(oed > 0.5) & np.isin(t, [_T['grey'], _T['white'], _T['deep_grey']])] = _T['oedema']
+        t[sel] = _T['blood']
+    return n
 
-# %% ../nbs/05_synth.ipynb #e6fd51ae
-def _gauss_kernel(sigma_px: float) -> np.ndarray:
-    "Normalised 1-D Gaussian kernel (radius 4 sigma, as scipy.ndimage)."
-    r = int(4 * sigma_px + 0.5); x = np.arange(-r, r + 1); k = np.exp(-0.5 * (x / sigma_px) ** 2)
-    return (k / k.sum()).astype(_f32)
+# %% ../nbs/05_synth.ipynb #71eacd05
+def fbp_nps(f, blur_mm: float, edge_gain: float = 0.):
+    "Noise power spectrum shape of filtered back projection: the ramp `|f|` times the kernel's MTF squared."
+    return np.abs(np.asarray(f, _f32)) * kernel_mtf(f, blur_mm, edge_gain) ** 2
 
-def blur2d(a: np.ndarray, sigma_px: float) -> np.ndarray:
-    "Separable Gaussian blur of one float32 slice (edges mirrored like scipy's 'reflect')."
-    if sigma_px <= 0: return a
-    k = _gauss_kernel(sigma_px); r = len(k) // 2; h, w = a.shape
-    p = np.pad(a, r, mode='symmetric')
-    t = k[0] * p[:, :w]
-    for i in range(1, 2 * r + 1): t += k[i] * p[:, i:i + w]
-    o = k[0] * t[:h]
-    for i in range(1, 2 * r + 1): o += k[i] * t[i:i + h]
-    return o
+# %% ../nbs/05_synth.ipynb #98a6416d
+REF_PX = 0.45  # pixel size (mm) at which `Scanner.noise_hu` is stated
 
-def gauss_noise(rng, shape) -> np.ndarray:
-    "Standard normal float32 noise by the Box-Muller transform."
-    n = int(np.prod(shape)); h = (n + 1) // 2
-    u = rng.random((2, h), dtype=_f32)
-    r = np.sqrt(-2 * np.log1p(-u[0])); a = u[1] * _f32(2 * np.pi)
-    return np.concatenate([r * np.cos(a), r * np.sin(a)])[:n].reshape(shape)
+# %% ../nbs/05_synth.ipynb #6288e1a5
+def noise_gain(px: float, blur_mm: float, edge_gain: float = 0., ref_px: float = REF_PX) -> float:
+    "Noise variance on a grid of pixel `px` relative to `ref_px`: the NPS integrated up to each grid's Nyquist frequency."
+    def band(p):
+        f = np.linspace(-0.5 / p, 0.5 / p, 129, dtype=_f32)
+        return float(fbp_nps(np.hypot(f[:, None], f[None, :]), blur_mm, edge_gain).mean()) / p ** 2
+    return band(px) / band(ref_px)
 
-def _kernel_gain(sigma_px: float) -> float:
-    "Noise std after the 2-D Gaussian blur of unit white noise."
-    return float((_gauss_kernel(sigma_px) ** 2).sum()) if sigma_px > 0 else 1.
+# %% ../nbs/05_synth.ipynb #935ddd72
+def ct_noise(rng, n: int, size: int, px: float, blur_mm: float, edge_gain: float = 0., chunk: int = 8) -> np.ndarray:
+    "`n` unit-variance CT noise slices `(n, size, size)` with the FBP power spectrum (shaped in the Fourier domain)."
+    H = np.sqrt(fbp_nps(_rfreq(size, px), blur_mm, edge_gain))
+    w = H.shape[1]
+    tot = 2 * (H ** 2).sum() - (H[:, 0] ** 2).sum() - ((H[:, -1] ** 2).sum() if size % 2 == 0 else 0)
+    H *= _f32(size * size / math.sqrt(2 * (256 ** 2 - 1) / 12 * tot))     # a uniform byte has variance (256^2 - 1) / 12
+    out = np.empty((n, size, size), _f32)
+    for k in range(0, n, chunk):
+        m = min(chunk, n - k)
+        z = np.frombuffer(rng.bytes(m * size * w * 2), np.uint8).astype(_f32) - _f32(127.5)  # each pixel sums many: Gaussian
+        spec = z.view(np.complex64).reshape(m, size, w); spec *= H
+        out[k:k + m] = sfft.irfft2(spec, s=(size, size), axes=(1, 2), overwrite_x=True)
+    return out
+
+# %% ../nbs/05_synth.ipynb #2f120554
+MU_WATER, W_REF = 0.015, 180.  # effective water attenuation (1/mm) for the noise; path (mm of water) where the noise is nominal
+
+# %% ../nbs/05_synth.ipynb #d24bace4
+def noise_map(hu: np.ndarray,   # HU slices `(S, H, W)` before noise
+              px: float,        # pixel size (mm)
+              cell_mm: float = 8.,  # resolution of the map
+              half: bool = False,   # return the map at every 2nd pixel (`_apply_map`)
+             ) -> np.ndarray:
+    "Relative noise SD `(S, H, W)`: quantum noise grows with the water-equivalent path of the rays through each pixel."
+    s, h, w = hu.shape; t = max(int(round(math.log2(max(cell_mm / px, 1)))), 0); c = 2 ** t
+    nh, nw = -(-h // c), -(-w // c)
+    a = np.pad(hu, ((0, 0), (0, nh * c - h), (0, nw * c - w)), constant_values=-1000) if (nh * c, nw * c) != (h, w) else hu
+    st = 2 if c >= 2 else 1; a = a[:, ::st, ::st]; b = c // st         # every 2nd pixel is enough for path lengths
+    mu = np.maximum(a + 1000, 0).reshape(s, nh, b, nw * b).sum(2).reshape(s, nh, nw, b).sum(3) * _f32(c * px / 1000 / b / b)
+    i, j = np.mgrid[:nh, :nw]
+    diag = lambda idx: np.stack([np.bincount(idx.ravel(), m.ravel(), idx.max() + 1)[idx] for m in mu])
+    paths = [mu.sum(2, keepdims=True), mu.sum(1, keepdims=True),
+             _f32(math.sqrt(2)) * diag(i + j), _f32(math.sqrt(2)) * diag(i - j + nw - 1)]   # rays at 4 angles
+    var = sum(np.exp(_f32(MU_WATER) * (p - _f32(W_REF))) for p in paths) / 4
+    m = np.sqrt(var).astype(_f32)
+    if not half: return _up2_stack(m, t)[:, :h, :w]
+    return (_up2_stack(m, t - 1) if t else m[:, ::2, ::2])[:, :(h + 1) // 2, :(w + 1) // 2]
+
+# %% ../nbs/05_synth.ipynb #0870e15c
+def _apply_map(noise: np.ndarray, m: np.ndarray) -> np.ndarray:
+    "`noise * m` where `m` is a smooth map at half resolution (`m[:, i // 2, j // 2]` for pixel `(i, j)`), in place."
+    for a in (0, 1):
+        for b in (0, 1): noise[:, a::2, b::2] *= m[:, :(noise.shape[1] - a + 1) // 2, :(noise.shape[2] - b + 1) // 2]
+    return noise
 
 # %% ../nbs/05_synth.ipynb #11ce8bcf
 def _streaks(A: _Anatomy, k, amp, rng):
@@ -788,42 +1155,86 @@ def _streaks(A: _Anatomy, k, amp, rng):
             out += sgn * 0.35 * amp * np.exp(-(pp / 1.2) ** 2 - np.maximum(al, 0) / 40) * (al > 0)
     return out.astype(_f32)
 
-def _scanner(A: _Anatomy, sc: Scanner, rng, noise_hu, blur_mm, streak_amp):
-    "Reconstruction: white quantum noise (stronger in bone-heavy slices) through the kernel blur, streaks, offset."
-    g = A.g; sig = blur_mm / g.px; gain = _kernel_gain(sig)
+# %% ../nbs/05_synth.ipynb #a81ad477
+def contrast_hu(clean: np.ndarray,   # HU `(S, H, W)` after the kernel, before noise
+                mask: np.ndarray,    # subtype mask `(S, H, W)`
+                code: int,           # the lesion's mask value
+                ok: np.ndarray,      # voxels that may serve as background (brain that does not show bone)
+                ring_px: int = 3,    # width of the background ring around the lesion (pixels, in plane)
+               ) -> float:
+    "Lesion contrast (HU): its mean minus the mean of a ring of background around it, slice by slice in plane."
+    m = mask == code
+    if not m.any(): return 0.
+    ks, ii, jj = (np.flatnonzero(m.any(a)) for a in ((1, 2), (0, 2), (0, 1)))
+    box = (slice(ks[0], ks[-1] + 1), slice(max(ii[0] - ring_px, 0), ii[-1] + ring_px + 1),
+           slice(max(jj[0] - ring_px, 0), jj[-1] + ring_px + 1))
+    mb = m[box]
+    ring = (ndi.uniform_filter(mb.astype(_f32), (1, 2 * ring_px + 1, 2 * ring_px + 1)) > 0) & (mask[box] == 0) & ok[box]
+    bg = clean[box][ring].mean() if ring.any() else float(np.median(clean[box][ok[box]]))
+    return float(clean[box][mb].mean() - bg)
+
+# %% ../nbs/05_synth.ipynb #79fdef7c
+def _reconstruct(A: _Anatomy, sc: Scanner, blur_mm: float):
+    "kVp-dependent bone attenuation, then the reconstruction kernel, applied to the anatomy in place."
+    g, hu = A.g, A.hu
+    if sc.bone_scale != 1: hu += _f32(sc.bone_scale - 1) * np.maximum(hu - 100, 0)   # bone and calcium only
+    if blur_mm > 0 or sc.edge_gain:
+        T = kernel_mtf(_rfreq(g.size, g.px), blur_mm, sc.edge_gain)
+        for k in range(0, g.n, 8):
+            hu[k:k + 8] = sfft.irfft2(sfft.rfft2(hu[k:k + 8], axes=(1, 2)) * T, s=hu.shape[1:], axes=(1, 2))
+
+# %% ../nbs/05_synth.ipynb #16febaa0
+def _lesion_conspicuity(A: _Anatomy, mask: np.ndarray, lesions: list, sd_half: np.ndarray):
+    "Contrast (HU) and conspicuity (contrast / noise SD) of each lesion, on the reconstructed image before noise."
+    ok = np.zeros(mask.shape, bool)                       # background: brain that does not show bone
+    for k in np.flatnonzero(mask.any((1, 2))):
+        ok[k] = (A.cav[k] >= 0.5) & (A.bone_seen(slice(k, k + 1))[0] <= VISIBLE['bone_seen'])
+    for les in lesions:
+        m = mask == SUBTYPE_CODE[les.subtype]; k, i, j = np.nonzero(m)
+        les.p['contrast_hu'] = contrast_hu(A.hu, mask, SUBTYPE_CODE[les.subtype], ok)
+        les.p['conspicuity'] = abs(les.p['contrast_hu']) / max(float(sd_half[k, i // 2, j // 2].mean()), 1e-3)
+
+# %% ../nbs/05_synth.ipynb #c1f254b8
+def _scanner(A: _Anatomy, sc: Scanner, rng, noise_sd: float, blur_mm: float, streak_amp: float, mask, lesions):
+    "The scanner: reconstruction, conspicuity of the lesions, FBP-shaped path-dependent noise, streaks, calibration offset."
+    g, hu = A.g, A.hu
+    _reconstruct(A, sc, blur_mm)
+    sd = noise_map(hu, g.px, half=True); sd *= _f32(noise_sd)   # noise SD at every 2nd pixel
+    _lesion_conspicuity(A, mask, lesions, sd)
+    if noise_sd > 0: hu += _apply_map(ct_noise(rng, g.n, g.size, g.px, blur_mm, sc.edge_gain), sd)
     for k in range(g.n):
-        boost = 1 + 0.4 * min(max((A.bone_mm2[k] - 3000) / 4000, 0), 1)
-        s = gauss_noise(rng, (g.size, g.size)); s *= _f32(noise_hu * boost / gain); s += A.hu[k]
-        A.hu[k] = blur2d(s, sig)
         if A.petrous[k] > 50 and streak_amp > 0 and A.bbox[k] is not None:
             i0, i1, j0, j1 = A.bbox[k]
-            A.hu[k, i0:i1, j0:j1] += _streaks(A, k, streak_amp * min(A.petrous[k] / 600, 1), rng)
-    A.hu += _f32(sc.hu_offset)
-    np.clip(A.hu, -1024, 3071, out=A.hu); np.rint(A.hu, out=A.hu)
+            hu[k, i0:i1, j0:j1] += _streaks(A, k, streak_amp * min(A.petrous[k] / 600, 1), rng)
+    hu += _f32(sc.hu_offset)
+    np.clip(hu, -1024, 3071, out=hu); np.rint(hu, out=hu)
 
 # %% ../nbs/05_synth.ipynb #fd3962a2
 CONFOUNDERS = dict(falx_calcification=0.3, pineal_calcification=0.55, choroid_calcification=0.5,
                    basal_ganglia_calcification=0.08, dense_sinus=0.2)  # prevalence, cases with or without ICH
-ACUITY_P = dict(acute=0.7, subacute=0.15, chronic=0.15)  # 'chronic' applies to SDH; without SDH it means subacute
-DEFAULT_MIX = (0.14, 0.22, 0.18, 0.22, 0.24)  # primary-subtype weights, `ICH_SUBTYPES` order
 
+# %% ../nbs/05_synth.ipynb #e07405eb
+ACUITY_P = dict(acute=0.7, subacute=0.15, chronic=0.15)  # 'chronic' applies to SDH; without SDH it means subacute
+
+# %% ../nbs/05_synth.ipynb #09e469e6
 @dataclass
 class SynthCase:
     "One synthetic head CT: HU volume, subtype mask, spacing, slice labels and a case record."
     hu: np.ndarray              # float32 (S, H, W) HU, integer valued, inferior to superior
-    mask: np.ndarray            # uint8 (S, H, W): 0 background, 1..5 = `ICH_SUBTYPES`
-    spacing: tuple              # (dz, dy, dx) mm
-    slice_labels: pd.DataFrame  # one row per slice: [image_id, case_id,] slice_index + `LABEL_COLS`
+    mask: np.ndarray            # uint8 (S, H, W): 0 background, 1..5 = `ICH_SUBTYPES`, where blood is visible
+    spacing: tuple              # (dz, dy, dx) mm; dz along the slice normal
+    slice_labels: pd.DataFrame  # one row per slice: [image_id, case_id,] slice_index + `LABEL_COLS` + midline_shift_mm
     record: dict                # case-level facts (a row of cases.csv)
     origin: tuple = (0., 0., 0.)  # ImagePositionPatient of the first voxel (x, y, z) mm
     brain: np.ndarray = None    # bool (S, H, W): true intracranial cavity (voxel centre)
     tissue: np.ndarray = None   # uint8 (S, H, W) `TISSUES` codes when asked for
-    lesions: list = field(default_factory=list)  # the planned `Lesion`s
+    lesions: list = field(default_factory=list)  # the `Lesion`s painted
+    shift: np.ndarray = None    # float (S,) midline shift per slice (mm)
     def __repr__(self):
         r = self.record
         subs = '+'.join(SUBTYPE_ABBR[s] for s in ICH_SUBTYPES if r.get(s)) or 'normal'
-        return (f"SynthCase({r.get('case_id') or ''} {subs}, {r['vol_ml_total']:.2f} mL, shape={self.hu.shape}, "
-                f"spacing={tuple(round(s, 3) for s in self.spacing)})")
+        return (f"SynthCase({r.get('case_id') or ''} {subs}, {r['vol_ml_total']:.2f} mL, shift {r['midline_shift_mm']:.1f} mm, "
+                f"shape={self.hu.shape}, spacing={tuple(round(s, 3) for s in self.spacing)})")
 
 # %% ../nbs/05_synth.ipynb #175cd487
 def _draw_subtypes(rng, prevalence, mix) -> list:
@@ -833,6 +1244,7 @@ def _draw_subtypes(rng, prevalence, mix) -> list:
     first = int(rng.choice(5, p=mix))
     return _more_subtypes(rng, first, mix)
 
+# %% ../nbs/05_synth.ipynb #e5eeac76
 def _more_subtypes(rng, first: int, mix) -> list:
     "The primary subtype plus 0 (65 %), 1 (25 %) or 2 (10 %) others drawn by `mix` (mixed hemorrhage)."
     mix = np.asarray(mix, float).copy(); mix[first] = 0
@@ -840,12 +1252,14 @@ def _more_subtypes(rng, first: int, mix) -> list:
     more = rng.choice(5, size=n_more, replace=False, p=mix / mix.sum()) if n_more else []
     return [ICH_SUBTYPES[j] for j in sorted([first, *map(int, more)])]
 
+# %% ../nbs/05_synth.ipynb #d450fe4a
 def _draw_volume(rng, subtype, volume_ml) -> float:
     "Log-uniform lesion volume (mL) within `volume_ml` and the subtype's plausible range."
     lo, hi = max(volume_ml[0], SUBTYPE_ML[subtype][0]), min(volume_ml[1], SUBTYPE_ML[subtype][1])
     if hi < lo: lo = hi = float(np.clip(volume_ml[0], *SUBTYPE_ML[subtype]))
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
+# %% ../nbs/05_synth.ipynb #aef9c00b
 def _confounder_blobs(rng, hd: Head, present: set) -> list:
     "Calcifications (choroid plexus, pineal, falx, basal ganglia) as small dense ellipsoids."
     sc = hd.scale; T = lambda c: (c[0] * sc[0], c[1] * sc[1], c[2] * sc[2]); out = []
@@ -866,18 +1280,20 @@ def _confounder_blobs(rng, hd: Head, present: set) -> list:
                             float(rng.uniform(200, 800)), 'calcification', 'head'))
     return out
 
-def _scan_geometry(rng, hd: Head, sc: Scanner, size: int):
-    "Pixel size, pre-pitch height of the lowest slice and slice count: foramen magnum to just above the vertex."
+# %% ../nbs/05_synth.ipynb #d67e55fd
+def _scan_geometry(rng, hd: Head, sc: Scanner, size: int, tilt: float = 0.):
+    "Pixel size, height of the lowest slice along the normal and slice count: foramen magnum to just above the vertex."
     half = max(hd.a, hd.b) * 1.03 + hd.skull + hd.scalp + 4 + max(abs(hd.shift[0]), abs(hd.shift[1]))
     px = max(rng.uniform(*sc.fov_mm), 2 * half) / size
-    ph = math.radians(hd.pitch); cz = hd.c + hd.skull + hd.scalp
+    ph = math.radians(hd.pitch + tilt); cz = hd.c + hd.skull + hd.scalp
     top = math.hypot(math.sin(ph) * (hd.b + hd.skull), math.cos(ph) * cz) + rng.uniform(-3, 6)
     bottom = rng.uniform(-92, -74) * hd.scale[2]
     n = int(np.clip(math.ceil((top - bottom) / sc.slice_mm) + 1, *sc.n_slices))
     return px, top - (n - 1) * sc.slice_mm, n
 
+# %% ../nbs/05_synth.ipynb #864a7a50
 def _snap(g: Grid, hd: Head, les: Lesion, rng):
-    "Move a small lesion along the scanner axis so that a slice centre passes near its centre."
+    "Move a small lesion along the slice normal so that a slice centre passes near its centre."
     k = g.to_voxel(les.center)[0]
     c = np.asarray(les.center) + (round(k) + rng.uniform(-0.2, 0.2) - k) * g.dz * np.array([0, g.sp, g.cp])
     if les.kind == 'lens': c = _surface_point(hd, c)
@@ -892,16 +1308,18 @@ def _counts(mask: np.ndarray) -> np.ndarray:
         out[k] = np.bincount(mask[k].ravel(), minlength=len(ICH_SUBTYPES) + 1)[:len(ICH_SUBTYPES) + 1]
     return out
 
-def slice_labels(mask: np.ndarray, case_id: str | None = None) -> pd.DataFrame:
-    "RSNA-style slice labels from a subtype mask: `slice_index`, `any` and the five subtypes (0/1)."
+# %% ../nbs/05_synth.ipynb #d977e993
+def slice_labels(mask: np.ndarray, case_id: str | None = None, shift=None) -> pd.DataFrame:
+    "RSNA-style slice labels from a subtype mask: `slice_index`, `any`, the five subtypes (0/1) and the midline shift (mm)."
     flags = (_counts(mask)[:, 1:] > 0).astype(np.int64)
     df = pd.DataFrame(flags, columns=ICH_SUBTYPES); df.insert(0, 'any', flags.max(1))
     df.insert(0, 'slice_index', np.arange(len(mask)))
     if case_id is not None:
         df.insert(0, 'case_id', case_id); df.insert(0, 'image_id', [f'{case_id}_{i:03d}' for i in range(len(mask))])
+    df['midline_shift_mm'] = np.zeros(len(mask)) if shift is None else np.round(np.asarray(shift, float), 2)
     return df
 
-# %% ../nbs/05_synth.ipynb #b63adbcd
+# %% ../nbs/05_synth.ipynb #37176e84
 def _check_case_args(size, subtypes, prevalence, subtype_mix, volume_ml, acuity):
     "Refuse bad `make_case` arguments with a message naming them."
     if int(size) < 32: raise ValueError(f'make_case: size must be >= 32 pixels, got {size}')
@@ -909,57 +1327,88 @@ def _check_case_args(size, subtypes, prevalence, subtype_mix, volume_ml, acuity)
         bad = [s for s in subtypes if s not in ICH_SUBTYPES]
         if bad: raise ValueError(f'make_case: unknown subtypes {bad}; use names from {ICH_SUBTYPES}')
     if not 0 <= prevalence <= 1: raise ValueError(f'make_case: prevalence must be in [0, 1], got {prevalence}')
-    mix = np.asarray(subtype_mix, float)
-    if mix.shape != (5,) or (mix < 0).any() or mix.sum() <= 0:
-        raise ValueError(f'make_case: subtype_mix needs 5 non-negative weights (ICH_SUBTYPES order), got {subtype_mix}')
+    if subtype_mix is not None:
+        mix = np.asarray(subtype_mix, float)
+        if mix.shape != (5,) or (mix < 0).any() or mix.sum() <= 0:
+            raise ValueError(f'make_case: subtype_mix needs 5 non-negative weights (ICH_SUBTYPES order), got {subtype_mix}')
     if not (len(volume_ml) == 2 and 0 < volume_ml[0] <= volume_ml[1]):
         raise ValueError(f'make_case: volume_ml must be (low, high) mL with 0 < low <= high, got {volume_ml}')
     if acuity is not None and acuity not in ACUITY_P: raise ValueError(f'make_case: acuity must be one of {list(ACUITY_P)}, got {acuity!r}')
 
+# %% ../nbs/05_synth.ipynb #adf20806
+MAX_REDRAWS = 8  # a lesion without a visible voxel is re-drawn at most this often (larger from the 4th try)
+
+# %% ../nbs/05_synth.ipynb #d3447490
+def _render_visible(rng, g: Grid, hd: Head, sc: Scanner, lesions: list, conf: list, mass_effect: float, tissue: bool,
+                    blur: float):
+    "Render the head with the mass effect of `lesions` and paint them; re-draw (and re-render) lesions that show nowhere."
+    for attempt in range(MAX_REDRAWS + 1):
+        disp = _Displacement(g, hd, lesions, mass_effect)
+        blobs = _anatomy_blobs(hd, rng, hd.scale, disp.press) + conf
+        A = _Anatomy(g, hd, rng, blobs, disp, sc.holder, tissue, (blur, sc.edge_gain)).render()
+        mask = np.zeros(A.hu.shape, np.uint8)
+        for les in lesions: les.p['voxels'] = paint_lesion(A, les, mask, rng)
+        n = _counts(mask).sum(0)
+        bad = [i for i, les in enumerate(lesions) if n[SUBTYPE_CODE[les.subtype]] == 0]
+        if not bad: return A, mask, disp, attempt
+        for i in bad:   # same subtype and acuity; from the 4th try on, twice the volume each time
+            old = lesions[i]; vol = old.target_ml * (2 if attempt >= 3 else 1)
+            lesions[i] = plan_lesion(rng, hd, old.subtype, vol, old.p['acuity'], old.p['contrast'])
+            if lesions[i].kind != 'fill' and lesions[i].radius < 2.5 * g.dz: _snap(g, hd, lesions[i], rng)
+    raise RuntimeError(f'make_case: lesions {[lesions[i].site for i in bad]} stayed invisible after {MAX_REDRAWS} re-draws')
+
+# %% ../nbs/05_synth.ipynb #b63adbcd
 def make_case(seed,                      # int or sequence of ints (e.g. (cohort_seed, index)): everything derives from it
               size: int = 256,           # in-plane matrix (the pixel size scales so that the head fits)
               scanner='A',               # `SCANNERS` name, dict of fields or `Scanner`
               subtypes: list | None = None,  # force these subtypes ([] = normal); None draws them with `prevalence`
               prevalence: float = 0.5,   # share of cases with ICH when `subtypes` is None
-              subtype_mix=DEFAULT_MIX,   # weights of the primary subtype (`ICH_SUBTYPES` order)
+              subtype_mix=None,          # weights of the primary subtype (`ICH_SUBTYPES` order); None: the scanner's
               volume_ml=(0.1, 80.),      # lesion volume range (mL), log-uniform within each subtype's range
               contrast: float = 1.,      # scales blood-minus-background attenuation (difficulty knob)
-              noise_scale: float = 1.,   # scales the scanner's quantum noise
+              noise_scale: float = 1.,   # scales the scanner's noise
               blur_scale: float = 1.,    # scales the scanner's kernel blur
               confounders: float = 1.,   # scales the prevalence of confounders and streaks (0: none)
               acuity: str | None = None, # 'acute' | 'subacute' | 'chronic'; None draws it (`ACUITY_P`)
+              mass_effect: float = 1.,   # scales the displacement by the lesions (0: blood replaces tissue)
               case_id: str | None = None,  # written into the record and slice labels
               tissue: bool = False,      # also return the tissue label map (tests, histograms)
              ) -> SynthCase:
     "Generate one synthetic non-contrast head CT with its hemorrhage mask, labels and record."
     _check_case_args(size, subtypes, prevalence, subtype_mix, volume_ml, acuity)
     rng = np.random.default_rng(seed); sc = get_scanner(scanner)
-    hd = draw_head(rng)
-    subs = _draw_subtypes(rng, prevalence, subtype_mix) if subtypes is None else [s for s in ICH_SUBTYPES if s in subtypes]
+    mix = sc.subtype_mix if subtype_mix is None else subtype_mix
+    hd = draw_head(rng, sc.atrophy)
+    subs = _draw_subtypes(rng, prevalence, mix) if subtypes is None else [s for s in ICH_SUBTYPES if s in subtypes]
     if acuity is None: acuity = str(rng.choice(list(ACUITY_P), p=list(ACUITY_P.values())))
     if acuity == 'chronic' and 'subdural' not in subs: acuity = 'subacute'
     present = {k for k, p in CONFOUNDERS.items() if rng.random() < p * confounders}
     if 'dense_sinus' in present: hd.sinus_hu = float(rng.uniform(60, 75))
-    px, z0, n = _scan_geometry(rng, hd, sc, size)
-    g = Grid(hd, size, px, sc.slice_mm, z0, n)
+    tilt = float(rng.uniform(*sc.tilt_deg))
+    px, z0, n = _scan_geometry(rng, hd, sc, size, tilt)
+    g = Grid(hd, size, px, sc.slice_mm, z0, n, tilt)
     lesions = [plan_lesion(rng, hd, s, _draw_volume(rng, s, volume_ml), acuity, contrast) for s in subs]
     for les in lesions:
         if les.kind != 'fill' and les.radius < 2.5 * g.dz: _snap(g, hd, les, rng)
-    blobs = _anatomy_blobs(hd, rng, hd.scale) + _confounder_blobs(rng, hd, present)
-    A = _Anatomy(g, hd, rng, blobs, lesions, sc.holder, tissue).render()
-    mask = np.zeros(A.hu.shape, np.uint8)
-    for les in lesions: les.p['voxels'] = paint_lesion(A, les, mask, rng)
-    noise = float(rng.uniform(*sc.noise_hu)) * noise_scale; blur = sc.blur_mm * blur_scale
+    conf = _confounder_blobs(rng, hd, present)
+    blur = sc.blur_mm * blur_scale
+    A, mask, disp, redrawn = _render_visible(rng, g, hd, sc, lesions, conf, mass_effect, tissue, blur)
+    noise_ref = float(rng.uniform(*sc.noise_hu))
+    noise = noise_ref * noise_scale * math.sqrt(noise_gain(px, blur, sc.edge_gain) * 5 / sc.slice_mm)
     streak = sc.streaks * float(rng.uniform(10, 30)) * min(confounders, 1)
-    _scanner(A, sc, rng, noise, blur, streak)
+    _scanner(A, sc, rng, noise, blur, streak, mask, lesions)
     if A.petrous.max() > 50 and streak > 0: present.add('streaks')
+    shift = disp.midline_shift()
     spacing = (float(sc.slice_mm), float(px), float(px))
-    rec = _record(case_id, seed, sc, hd, g, mask, spacing, acuity, present, noise, blur, lesions, contrast)
+    rec = _record(case_id, seed, sc, hd, g, mask, spacing, acuity, present, (noise_ref, noise), blur, lesions, contrast,
+                  shift, redrawn)
     o = -(size - 1) / 2 * px
-    return SynthCase(A.hu, mask, spacing, slice_labels(mask, case_id), rec, (o, o, float(g.zs[0])), A.cav >= 0.5, A.tis, lesions)
+    return SynthCase(A.hu, mask, spacing, slice_labels(mask, case_id, shift), rec, (o, o, float(g.zs[0])), A.cav >= 0.5,
+                     A.tis, lesions, shift)
 
-def _record(case_id, seed, sc, hd, g, mask, spacing, acuity, present, noise, blur, lesions, contrast) -> dict:
-    "The case row: labels and volumes from the mask, flags, acquisition and head facts."
+# %% ../nbs/05_synth.ipynb #6b5f5241
+def _record(case_id, seed, sc, hd, g, mask, spacing, acuity, present, noise, blur, lesions, contrast, shift, redrawn) -> dict:
+    "The case row: labels and volumes from the mask, lesions, mass effect, flags, acquisition and head facts."
     n = _counts(mask).sum(0); vox = float(np.prod(spacing)) / 1000
     vols = {s: float(n[i + 1]) * vox for i, s in enumerate(ICH_SUBTYPES)}; vols['total'] = float(n[1:].sum()) * vox
     rec = dict(case_id=case_id, seed=str(seed), scanner=sc.name, any=int(vols['total'] > 0))
@@ -968,14 +1417,88 @@ def _record(case_id, seed, sc, hd, g, mask, spacing, acuity, present, noise, blu
     rec['small_lesion'] = int(0 < vols['total'] <= SMALL_LESION_ML)
     rec['mixed'] = int(sum(rec[s] for s in ICH_SUBTYPES) >= 2)
     rec['acuity'] = acuity if rec['any'] else 'none'
-    rec['lesion_sites'] = ';'.join(f'{SUBTYPE_ABBR[l.subtype]}:{l.site}' for l in lesions if l.p.get('voxels'))
+    rec['lesion_sites'] = ';'.join(f'{SUBTYPE_ABBR[l.subtype]}:{l.site}' for l in lesions)
+    rec['lesion_contrast_hu'] = ';'.join(f"{l.p['contrast_hu']:.1f}" for l in lesions)
+    rec['lesion_conspicuity'] = ';'.join(f"{l.p['conspicuity']:.2f}" for l in lesions)
+    rec['conspicuity'] = round(max(l.p['conspicuity'] for l in lesions), 2) if lesions else float('nan')
+    rec['redrawn'] = int(redrawn)
+    rec['midline_shift_mm'] = round(float(np.max(shift)), 2)
     rec['confounders'] = ';'.join(sorted(present))
     rec.update(n_slices=g.n, size=g.size, spacing_z=spacing[0], spacing_y=spacing[1], spacing_x=spacing[2],
-               noise_hu=round(noise, 3), blur_sigma=round(blur, 3), kernel=sc.kernel, kvp=sc.kvp,
+               noise_hu=round(noise[1], 3), noise_hu_ref=round(noise[0], 3), blur_sigma=round(blur, 3), kernel=sc.kernel,
+               edge_gain=sc.edge_gain, kvp=sc.kvp, bone_scale=round(sc.bone_scale, 4), tilt_deg=round(g.tilt, 2),
                hu_offset=sc.hu_offset, contrast=contrast, head_width_mm=round(2 * (hd.a + hd.skull + hd.scalp), 1),
                head_length_mm=round(2 * (hd.b + hd.skull + hd.scalp), 1), atrophy=round(hd.atrophy, 3),
                yaw_deg=round(hd.yaw, 2), pitch_deg=round(hd.pitch, 2))
     return rec
+
+# %% ../nbs/05_synth.ipynb #71d823e8
+def naive_score(hu: np.ndarray,            # HU volume `(S, H, W)`
+                brain: np.ndarray | None = None,  # boolean brain mask; `ich_nb.windowing.skull_strip` when None
+                hu_range=(50., 90.),       # "blood" HU range
+               ) -> float:
+    "Naive ICH detector: fraction of brain voxels with HU in `hu_range` (a difficulty baseline, not a model)."
+    brain = skull_strip(hu) if brain is None else np.asarray(brain, bool)
+    n = int(brain.sum())
+    return float(((hu >= hu_range[0]) & (hu <= hu_range[1]) & brain).sum()) / n if n else 0.
+
+# %% ../nbs/05_synth.ipynb #a425799a
+def blob_score(hu: np.ndarray,             # HU volume `(S, H, W)`
+               spacing,                    # `(dz, dy, dx)` mm
+               brain: np.ndarray | None = None,  # boolean brain mask; `ich_nb.windowing.skull_strip` when None
+               hu_min: float = 55.,        # "blood" threshold on the 3 x 3 in-plane mean
+               erode_mm: float = 4.,       # the brain mask shrinks by this much in plane (bone partial volume at its edge)
+               calc_hu: float = 120.,      # calcification threshold; voxels within 2 pixels of one are excluded
+              ) -> float:
+    "Blob baseline: volume (mL) of the largest 3-D connected blob of dense voxels in the eroded brain, calcifications excluded."
+    brain = skull_strip(hu) if brain is None else np.asarray(brain, bool)
+    it = max(int(round(erode_mm / spacing[1])), 1)
+    inner = ndi.binary_erosion(brain, np.ones((1, 3, 3), bool), iterations=it)
+    sm = ndi.uniform_filter(hu.astype(_f32), (1, 3, 3))
+    calc = ndi.maximum_filter(hu >= calc_hu, (1, 5, 5))
+    lab, n = ndi.label((sm >= hu_min) & inner & ~calc)
+    if n == 0: return 0.
+    return float(np.bincount(lab.ravel())[1:].max()) * float(np.prod(spacing)) / 1000
+
+# %% ../nbs/05_synth.ipynb #eabca8d0
+def noise_sd(hu: np.ndarray,            # one HU slice `(H, W)`
+             px: float,                 # pixel size (mm)
+             roi_mm: float = 4.,        # side of the square windows (mm)
+             brain: np.ndarray | None = None,  # boolean brain mask; `ich_nb.windowing.skull_strip` when None
+            ) -> float:
+    "Noise SD (HU) of a CT slice: the median SD of small windows of parenchyma (15-50 HU) at least 6 mm inside the brain."
+    b = skull_strip(hu) if brain is None else np.asarray(brain, bool)
+    w = max(int(round(roi_mm / px)), 3)
+    f = hu.astype(np.float64); mu = ndi.uniform_filter(f, w)
+    sd = np.sqrt(np.maximum(ndi.uniform_filter(f * f, w) - mu * mu, 0))
+    par = ndi.uniform_filter(((hu >= 15) & (hu <= 50)).astype(np.float32), w) > 0.999   # windows of parenchyma only
+    ok = ndi.binary_erosion(b, iterations=max(int(round(6 / px)), 1)) & par
+    if not ok.any(): raise ValueError('noise_sd: no window of parenchyma 6 mm inside the brain (is this a head CT slice?)')
+    return float(np.median(sd[ok]))
+
+# %% ../nbs/05_synth.ipynb #cb175a5a
+def noise_power_spectrum(hu: np.ndarray,   # one HU slice `(H, W)`
+                         px: float,        # pixel size (mm)
+                         roi_px: int = 32, # side of the square regions (pixels)
+                         brain: np.ndarray | None = None,  # boolean brain mask; `ich_nb.windowing.skull_strip` when None
+                         n_bins: int = 16, # radial frequency bins up to the Nyquist frequency
+                        ) -> pd.DataFrame:
+    "Radial noise power spectrum (HU^2 mm^2) of a slice, from half-overlapping detrended regions of parenchyma in the brain."
+    b = skull_strip(hu) if brain is None else np.asarray(brain, bool)
+    ok = ndi.binary_erosion(b, iterations=max(int(round(6 / px)), 1)) & (hu >= 15) & (hu <= 50)
+    n = roi_px; t = np.linspace(-0.5, 0.5, n)
+    yy, xx = np.meshgrid(t, t, indexing='ij')
+    P = np.stack([np.ones_like(xx), xx, yy, xx * xx, yy * yy, xx * yy]).reshape(6, -1).T   # 2nd-order trend
+    ps = [np.abs(np.fft.fft2((r - P @ np.linalg.lstsq(P, r, rcond=None)[0]).reshape(n, n))) ** 2
+          for i in range(0, hu.shape[0] - n + 1, n // 2) for j in range(0, hu.shape[1] - n + 1, n // 2)
+          if ok[i:i + n, j:j + n].mean() > 0.98 for r in [hu[i:i + n, j:j + n].astype(np.float64).ravel()]]
+    if not ps: raise ValueError(f'noise_power_spectrum: no {n} x {n} region of parenchyma inside the brain')
+    nps = np.mean(ps, 0) * px * px / (n * n)
+    f = np.fft.fftfreq(n, px); fr = np.hypot(*np.meshgrid(f, f, indexing='ij')).ravel()
+    edges = np.linspace(0, 0.5 / px, n_bins + 1); idx = np.digitize(fr, edges) - 1
+    keep = (idx >= 0) & (idx < n_bins)
+    val = np.bincount(idx[keep], nps.ravel()[keep], n_bins) / np.maximum(np.bincount(idx[keep], None, n_bins), 1)
+    return pd.DataFrame(dict(freq_per_mm=(edges[:-1] + edges[1:]) / 2, nps=val, n_rois=len(ps)))
 
 # %% ../nbs/05_synth.ipynb #5ff1e1f9
 def save_npz(path, **arrays) -> Path:
@@ -988,8 +1511,10 @@ def save_npz(path, **arrays) -> Path:
                 zf.writestr(zi, buf.getvalue())
     return atomic_save(path, _w)
 
-_PHI = (math.sqrt(5) - 1) / 2
+# %% ../nbs/05_synth.ipynb #15166570
+_PHI = (math.sqrt(5) - 1) / 2  # golden-ratio step of the low-discrepancy sequences
 
+# %% ../nbs/05_synth.ipynb #9cdf5a86
 def case_plan(i: int,                      # case index in the cohort
               seed: int,                   # cohort seed
               prevalence: float = 0.5,     # share of ICH cases
@@ -1004,6 +1529,16 @@ def case_plan(i: int,                      # case index in the cohort
     first = int(min(np.searchsorted(cum, (off[1] + rank * _PHI) % 1, side='right'), 4))
     return _more_subtypes(np.random.default_rng([seed, i, 1]), first, subtype_mix)
 
+# %% ../nbs/05_synth.ipynb #7c879b74
+def _dicom_geometry(c: SynthCase) -> tuple:
+    "Spacing and extra tags for `write_series`: a tilted gantry gives tilted image planes stacked along the table axis."
+    t = c.record['tilt_deg']
+    if not t: return c.spacing, {}
+    r = math.radians(t); dz = c.spacing[0]
+    tags = dict(GantryDetectorTilt=float(t), ImageOrientationPatient=[1., 0., 0., 0., math.cos(r), -math.sin(r)],
+                SliceThickness=float(dz), SpacingBetweenSlices=float(dz))
+    return (dz / math.cos(r), c.spacing[1], c.spacing[2]), tags
+
 # %% ../nbs/05_synth.ipynb #77ce65f8
 def _write_case(out_dir, i: int, seed: int, prefix: str, size: int, sc: Scanner, prevalence, subtype_mix, kw) -> dict:
     "Generate case `i` and write its DICOM series, then its mask file (which marks the case done)."
@@ -1012,28 +1547,34 @@ def _write_case(out_dir, i: int, seed: int, prefix: str, size: int, sc: Scanner,
                   subtype_mix=subtype_mix, case_id=cid, **kw)
     tmp, dst = out_dir / 'dicom' / f'.{cid}.tmp', out_dir / 'dicom' / cid
     shutil.rmtree(tmp, ignore_errors=True)
-    write_series(c.hu, c.spacing, tmp, case_id=cid, origin=c.origin, uid_seed=f'ich_nb-synth-{seed}-{sc.name}',
+    spacing, tags = _dicom_geometry(c)
+    write_series(c.hu, spacing, tmp, case_id=cid, origin=c.origin, uid_seed=f'ich_nb-synth-{seed}-{sc.name}',
                  description=f'ich_nb synthetic head CT, scanner {sc.name}', Manufacturer=sc.manufacturer,
-                 ConvolutionKernel=sc.kernel, KVP=sc.kvp, PatientPosition='HFS')
+                 ConvolutionKernel=sc.kernel, KVP=sc.kvp, PatientPosition='HFS', **tags)
     shutil.rmtree(dst, ignore_errors=True); os.replace(tmp, dst)
     save_npz(out_dir / 'masks' / f'{cid}.npz', mask=c.mask, labels=c.slice_labels[LABEL_COLS].to_numpy(np.uint8),
-             record=np.array(json.dumps(c.record)))
+             shift=c.shift.astype(np.float32), record=np.array(json.dumps(c.record)))
     return c.record
 
+# %% ../nbs/05_synth.ipynb #d8570102
 def _read_npz(p: Path, key: str):
+    "One array of an `.npz` file."
     with np.load(p, allow_pickle=False) as z: return z[key]
 
+# %% ../nbs/05_synth.ipynb #30bcab0e
 def _slice_table(ids: list, out_dir: Path) -> pd.DataFrame:
-    "slices.csv: one row per slice of every case, from the labels stored beside each mask."
+    "slices.csv: one row per slice of every case, from the labels and midline shifts stored beside each mask."
     dfs = []
     for cid in ids:
-        lab = _read_npz(out_dir / 'masks' / f'{cid}.npz', 'labels')
+        with np.load(out_dir / 'masks' / f'{cid}.npz', allow_pickle=False) as z: lab, shift = z['labels'], z['shift']
         df = pd.DataFrame(lab.astype(np.int64), columns=LABEL_COLS)
         df.insert(0, 'slice_index', np.arange(len(lab))); df.insert(0, 'case_id', cid)
         df.insert(0, 'image_id', [f'{cid}_{k:03d}' for k in range(len(lab))])
+        df['midline_shift_mm'] = np.round(shift.astype(float), 2)
         dfs.append(df)
     return pd.concat(dfs, ignore_index=True)
 
+# %% ../nbs/05_synth.ipynb #0426465e
 def _run_cases(out_dir, pending, args, n_workers):
     "Yield case records as cases are written, in this process or in `n_workers` processes."
     if n_workers <= 1 or len(pending) <= 1:
@@ -1043,6 +1584,7 @@ def _run_cases(out_dir, pending, args, n_workers):
     with ProcessPoolExecutor(n_workers, mp_context=mp.get_context('fork')) as ex:
         for f in as_completed([ex.submit(_write_case, out_dir, i, *args) for i in pending]): yield f.result()
 
+# %% ../nbs/05_synth.ipynb #4562be7f
 def _check_resume(out_dir: Path, params: dict):
     "Refuse to add cases to a folder generated with other settings."
     p = out_dir / 'cohort.json'
@@ -1059,27 +1601,28 @@ def make_cohort(n_cases: int,              # number of cases
                 scanner='A',               # `SCANNERS` name, dict or `Scanner`: which hospital
                 prefix: str | None = None, # case id prefix (default: the scanner name): ids f'{prefix}{i:04d}'
                 prevalence: float = 0.5,   # share of cases with ICH (spread evenly, see `case_plan`)
-                subtype_mix=DEFAULT_MIX,   # primary-subtype weights, `ICH_SUBTYPES` order
+                subtype_mix=None,          # primary-subtype weights, `ICH_SUBTYPES` order; None: the scanner's
                 n_workers: int = 0,        # worker processes (0 or 1: this process)
                 progress: bool = True,     # show a progress bar
-                **kwargs,                  # passed to `make_case`: volume_ml, contrast, noise_scale, blur_scale, confounders, acuity
+                **kwargs,                  # to `make_case`: volume_ml, contrast, noise/blur_scale, confounders, acuity, mass_effect
                ) -> Path:
     "Write a synthetic cohort (DICOM, masks, slices.csv, cases.csv, cohort.json): deterministic and resumable."
     if n_cases < 1: raise ValueError(f'make_cohort: n_cases must be >= 1, got {n_cases}')
-    bad = set(kwargs) - {'volume_ml', 'contrast', 'noise_scale', 'blur_scale', 'confounders', 'acuity'}
+    bad = set(kwargs) - {'volume_ml', 'contrast', 'noise_scale', 'blur_scale', 'confounders', 'acuity', 'mass_effect'}
     if bad: raise TypeError(f'make_cohort: unexpected arguments {sorted(bad)}')
     sc = get_scanner(scanner); prefix = sc.name if prefix is None else str(prefix)
-    _check_case_args(size, None, prevalence, subtype_mix, kwargs.get('volume_ml', (0.1, 80.)), kwargs.get('acuity'))
+    mix = tuple(map(float, sc.subtype_mix if subtype_mix is None else subtype_mix))
+    _check_case_args(size, None, prevalence, mix, kwargs.get('volume_ml', (0.1, 80.)), kwargs.get('acuity'))
     out_dir = Path(out_dir)
     import ich_nb
     params = json.loads(json.dumps(dict(generator='ich_nb.synth.make_cohort', version=ich_nb.__version__, n_cases=n_cases,
-                                        seed=seed, size=size, prefix=prefix, prevalence=prevalence,
-                                        subtype_mix=list(map(float, subtype_mix)), scanner=asdict(sc), case_kwargs=kwargs)))
+                                        seed=seed, size=size, prefix=prefix, prevalence=prevalence, subtype_mix=list(mix),
+                                        scanner=asdict(sc), case_kwargs=kwargs)))
     _check_resume(out_dir, params)
     (out_dir / 'masks').mkdir(parents=True, exist_ok=True); (out_dir / 'dicom').mkdir(exist_ok=True)
     ids = [f'{prefix}{i:04d}' for i in range(n_cases)]
     pending = [i for i, c in enumerate(ids) if not (out_dir / 'masks' / f'{c}.npz').exists()]
-    it = _run_cases(out_dir, pending, (seed, prefix, size, sc, prevalence, tuple(subtype_mix), kwargs), n_workers)
+    it = _run_cases(out_dir, pending, (seed, prefix, size, sc, prevalence, mix, kwargs), n_workers)
     if progress and pending:
         from fastprogress.fastprogress import progress_bar
         it = progress_bar(it, total=len(pending)); it.comment = f'cohort {out_dir.name}'  # console bars take no comment=
@@ -1089,13 +1632,3 @@ def make_cohort(n_cases: int,              # number of cases
     with atomic_write(out_dir / 'slices.csv') as f: _slice_table(ids, out_dir).to_csv(f, index=False)
     with atomic_write(out_dir / 'cohort.json') as f: json.dump(params, f, indent=1)
     return out_dir
-
-# %% ../nbs/05_synth.ipynb #71d823e8
-def naive_score(hu: np.ndarray,            # HU volume `(S, H, W)`
-                brain: np.ndarray | None = None,  # boolean brain mask; `ich_nb.windowing.skull_strip` when None
-                hu_range=(50., 90.),       # "blood" HU range
-               ) -> float:
-    "Naive ICH detector: fraction of brain voxels with HU in `hu_range` (a difficulty baseline, not a model)."
-    brain = skull_strip(hu) if brain is None else np.asarray(brain, bool)
-    n = int(brain.sum())
-    return float(((hu >= hu_range[0]) & (hu <= hu_range[1]) & brain).sum()) / n if n else 0.
