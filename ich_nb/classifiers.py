@@ -304,6 +304,7 @@ def classifier_learner(arch: str,  # a key of `ARCHS`
     b = dls.one_batch()
     if strong and len(b) < 3: raise ValueError("strong=True needs DataLoaders that yield (x, y, mask): build them with strong=True")
     model = CAMClassifier(arch, n_out=n_out, in_chans=b[0].shape[1], weights=weights, cam_stride=cam_stride)
+    model.cam_offset.requires_grad_(strong)  # only the strong loss uses it (an unused parameter would stop DDP)
     loss = SaliencyLoss(lam, resolution=resolution) if strong else SliceLoss()
     cbs = list(kwargs.pop('cbs', None) or []) + speed_cbs(dls.device, channels_last, amp)
     return Learner(dls, model, loss_func=loss, metrics=[SliceAUC(), slice_accuracy], splitter=_splitter, path=path, cbs=cbs, **kwargs)

@@ -4,9 +4,9 @@
 
 # %% ../nbs/15_train.ipynb #7f3a9c03
 from __future__ import annotations
-import contextlib, hashlib, os, random, re, warnings
+import contextlib, hashlib, os, random, re, subprocess, sys, time, warnings
 from pathlib import Path
-import numpy as np, torch, torch.nn as nn
+import numpy as np, pandas as pd, torch, torch.nn as nn
 import torch.distributed as dist
 from fastcore.basics import store_attr, chunked
 from fastcore.foundation import L
@@ -14,7 +14,7 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner
 from fastai.distributed import DistributedDL  # also adds Learner.distrib_ctx
-from fastai.torch_core import rank_distrib, num_distrib, to_float
+from fastai.torch_core import rank_distrib, num_distrib, to_float, find_bs
 import fastai.callback.schedule  # adds Learner.fit_one_cycle
 from .core import *
 
@@ -22,7 +22,8 @@ from .core import *
 __all__ = ['NETS', 'AMP_MODES', 'register_net', 'net_to_dict', 'net_from_dict', 'save_net', 'load_net', 'checkpoint_files',
            'save_checkpoint', 'load_checkpoint', 'mix_seed', 'EpochSeed', 'is_main', 'RunLog', 'EpochCheckpoint',
            'drop_checkpoints', 'clear_run', 'RecalibrateBN', 'ChannelsLastTraining', 'Autocast', 'speed_cbs',
-           'init_distributed', 'barrier', 'ShardedDL', 'SyncBN', 'distrib_training', 'fit_resumable']
+           'PhaseTimer', 'init_distributed', 'barrier', 'ShardedDL', 'SyncBN', 'AverageBNStats', 'distrib_training',
+           'fit_resumable', 'run_distributed']
 
 # %% ../nbs/15_train.ipynb #7f3a9c07
 NETS = {}  # class name -> class, for `net_from_dict`
@@ -221,6 +222,39 @@ def speed_cbs(device,  # the device the batches are on
     if amp != 'off': cbs.append(MixedPrecision(amp) if cuda else Autocast('cpu', torch.bfloat16))
     return cbs
 
+# %% ../nbs/15_train.ipynb #7f3a9d02
+class PhaseTimer(Callback):
+    "Seconds per training batch spent in data, forward (+ loss), backward, optimiser step and the rest; and validation."
+    order = 200  # after every other callback's part of each event
+    PHASES = ('data', 'forward', 'backward', 'step', 'other')
+    def __init__(self, clock: str = 'wall'):  # 'wall' or 'cpu' (process CPU time)
+        if clock not in ('wall', 'cpu'): raise ValueError(f"PhaseTimer: clock must be 'wall' or 'cpu', got {clock!r}")
+        self._now = time.perf_counter if clock == 'wall' else time.process_time
+    def before_fit(self): self.rows, self.valid, self.bs = [], [], []
+    def before_train(self): self.t = self._now()
+    def before_batch(self):
+        if self.training: t = self._now(); self.cur, self.t = dict(data=t - self.t), t
+    def after_loss(self):
+        if self.training: t = self._now(); self.cur['forward'], self.t = t - self.t, t
+    def before_step(self):
+        if self.training: t = self._now(); self.cur['backward'], self.t = t - self.t, t
+    def after_step(self):
+        if self.training: t = self._now(); self.cur['step'], self.t = t - self.t, t
+    def after_batch(self):
+        if not self.training or 'step' not in self.cur: return
+        t = self._now(); self.cur['other'], self.t = t - self.t, t
+        self.rows.append(self.cur); self.bs.append(find_bs(self.yb))
+    def after_train(self): self.t_valid = self._now()
+    def after_validate(self): self.valid.append(self._now() - self.t_valid)
+    def summary(self, skip: int = 1) -> pd.DataFrame:
+        "Median ms per batch of each phase (first `skip` batches left out), its share, and training images/s."
+        df = pd.DataFrame(self.rows[skip:])[list(self.PHASES)] * 1000
+        med = df.median(); per_batch = med.sum()
+        out = pd.DataFrame(dict(ms_per_batch=med, share=med / per_batch))
+        out.attrs.update(img_per_s=1000 * float(np.median(self.bs[skip:])) / per_batch, batches=len(df),
+                         valid_s=float(np.median(self.valid)) if self.valid else float('nan'))
+        return out
+
 # %% ../nbs/15_train.ipynb #7f3a9c46
 def init_distributed() -> bool:
     "Join the process group of a `torchrun` / `accelerate launch` job once (nccl on CUDA, gloo on CPU); False in a single process."
@@ -279,6 +313,18 @@ class SyncBN(Callback):
             bn.load_state_dict(getattr(parent, name).state_dict()); setattr(parent, name, bn)
         self.saved = []
 
+# %% ../nbs/15_train.ipynb #7f3a9e02
+class AverageBNStats(Callback):
+    "Average the BatchNorm running statistics over the processes before each validation and after the fit."
+    order = RecalibrateBN.order + 5  # after the recalibration
+    def _average(self):
+        if not (dist.is_available() and dist.is_initialized()) or num_distrib() <= 1: return
+        for m in getattr(self.learn.model, 'module', self.learn.model).modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for t in (m.running_mean, m.running_var): dist.all_reduce(t); t.div_(num_distrib())
+    def before_validate(self): self._average()
+    def after_fit(self): self._average()
+
 # %% ../nbs/15_train.ipynb #7f3a9c56
 @contextlib.contextmanager
 def distrib_training(learn: Learner,
@@ -290,7 +336,7 @@ def distrib_training(learn: Learner,
     cuda = torch.device(learn.dls.device or 'cpu').type == 'cuda'
     old = list(learn.dls.loaders)
     learn.dls.loaders = [ShardedDL(old[0])] + [ShardedDL(dl, split=False) for dl in old[1:]]
-    cbs = [SyncBN()] if sync_bn and cuda else []
+    cbs = [AverageBNStats()] + ([SyncBN()] if sync_bn and cuda else [])
     try:
         learn.add_cbs(cbs)
         with learn.distrib_ctx(sync_bn=False, cpu=not cuda): yield learn  # BatchNorm: `SyncBN` above (timm-aware)
@@ -332,3 +378,22 @@ def fit_resumable(learn: Learner, n_epoch: int,
             if not keep_checkpoints: drop_checkpoints(learn.path, name)  # the resume points are not needed any more
         barrier()
     return learn
+
+# %% ../nbs/15_train.ipynb #7f3a9c6b
+def run_distributed(script,  # a Python file
+                    nproc: int = 2,  # processes (`torchrun --standalone --nproc_per_node`); 1: plain `python`
+                    args=(),  # command-line arguments of the script
+                    launcher: str = 'torchrun',  # or 'accelerate' (`accelerate launch --multi_gpu`)
+                    timeout: int = 600) -> subprocess.CompletedProcess:
+    "Run `script` on `nproc` local processes; raise with the end of its output when it fails."
+    root = str(Path(sys.modules['ich_nb'].__file__).resolve().parent.parent)  # this checkout's package first on the path
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
+    if nproc == 1: cmd = [sys.executable]
+    elif launcher == 'torchrun': cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+    elif launcher == 'accelerate':
+        cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', f'--num_processes={nproc}', '--num_machines=1',
+               '--mixed_precision=no', '--dynamo_backend=no', '--main_process_port=0']
+    else: raise ValueError(f"launcher must be 'torchrun' or 'accelerate', got {launcher!r}")
+    r = subprocess.run(cmd + [str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    if r.returncode: raise RuntimeError(f'{script} on {nproc} process(es) failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}')
+    return r
