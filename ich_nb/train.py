@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_train.ipynb #7f3a9c03
 from __future__ import annotations
-import contextlib, hashlib, os, random, re, subprocess, sys, time, warnings
+import atexit, contextlib, hashlib, os, random, re, subprocess, sys, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn
 import torch.distributed as dist
@@ -256,11 +256,16 @@ class PhaseTimer(Callback):
         return out
 
 # %% ../nbs/15_train.ipynb #7f3a9c46
+def _leave_group():
+    if dist.is_initialized(): dist.destroy_process_group()
+
 def init_distributed() -> bool:
     "Join the process group of a `torchrun` / `accelerate launch` job once (nccl on CUDA, gloo on CPU); False in a single process."
     if num_distrib() <= 1: return False
     if torch.cuda.is_available(): torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    if not dist.is_initialized(): dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+        atexit.register(_leave_group)  # leave the group cleanly at exit (a process that does not can abort its peers)
     return True
 
 # %% ../nbs/15_train.ipynb #7f3a9c47
@@ -395,5 +400,5 @@ def run_distributed(script,  # a Python file
                '--mixed_precision=no', '--dynamo_backend=no', '--main_process_port=0']
     else: raise ValueError(f"launcher must be 'torchrun' or 'accelerate', got {launcher!r}")
     r = subprocess.run(cmd + [str(script), *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
-    if r.returncode: raise RuntimeError(f'{script} on {nproc} process(es) failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}')
+    if r.returncode: raise RuntimeError(f'{script} on {nproc} process(es) failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-6000:]}')
     return r
