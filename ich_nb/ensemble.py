@@ -12,6 +12,7 @@ from fastai.learner import Learner
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from .core import *
+from .train import *
 from .unet import *
 
 # %% auto #0
@@ -22,8 +23,9 @@ __all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'prob_dice_metric', 'combine'
            'volume_agreement', 'plot_volumes']
 
 # %% ../nbs/31_ensemble.ipynb #d76d4098
-NORMS = ('k', 'softmax')
+NORMS = ('k', 'softmax')  # the weight normalisations of `combine`
 
+# %% ../nbs/31_ensemble.ipynb #d76d40a1
 def combine(seg_maps,  # base-model probability maps `(..., k, H, W)`
             weights,  # weight-model outputs, same shape: sigmoid weights in [0, 1] ('k') or scores ('softmax')
             norm: str = 'k',  # 'k': sum(seg * w) / k (paper); 'softmax': sum(seg * softmax_k(w))
@@ -37,11 +39,13 @@ def combine(seg_maps,  # base-model probability maps `(..., k, H, W)`
     c = (s * w).sum(-3) / s.shape[-3] if norm == 'k' else (s * torch.softmax(w.float(), dim=-3).to(s.dtype)).sum(-3)
     return c.numpy() if is_np else c
 
+# %% ../nbs/31_ensemble.ipynb #f79833a1
 def slice_score(combined):
     "Slice score `f(slice) = max over pixels` of combined maps `(..., H, W)` -> `(...)`."
     if isinstance(combined, torch.Tensor): return combined.flatten(-2).amax(-1)
     return np.asarray(combined).reshape(*np.shape(combined)[:-2], -1).max(-1)
 
+# %% ../nbs/31_ensemble.ipynb #f79833a3
 def case_probability(slice_scores, thr: float = 0.5) -> float:
     "Mean slice score over slices scoring `>= thr`; the maximum slice score when none does."
     f = np.asarray(slice_scores.detach().cpu() if isinstance(slice_scores, torch.Tensor) else slice_scores, dtype=np.float64).ravel()
@@ -54,6 +58,7 @@ COMBINATIONS = {'basic': (1, 2), 'sdh': (1, 2, 3), 'sah': (1, 2, 4), 'small': (1
 COMBO_NAMES = {'basic': 'Ensemble basic', 'sdh': 'Ensemble SDH', 'sah': 'Ensemble SAH',
                'small': 'Ensemble small lesions', 'all': 'Ensemble all'}  # row names of paper Table 3
 
+# %% ../nbs/31_ensemble.ipynb #7329c0a1
 def combo_models(combo) -> tuple:
     "Base model numbers of a combination name (`COMBINATIONS`) or of an explicit tuple of model numbers."
     if isinstance(combo, str):
@@ -64,7 +69,7 @@ def combo_models(combo) -> tuple:
     return ids
 
 # %% ../nbs/31_ensemble.ipynb #a6c373b4
-@register_arch
+@register_net
 class WeightNet(InceptionUNet):
     "Weight model: k probability maps (+ image) -> k per-pixel weights; `forward` returns the combined map."
     def __init__(self, k: int = 2,  # number of base models
@@ -94,17 +99,20 @@ def as_net(m) -> nn.Module:
     "The torch model of a fastai `Learner` or a model."
     return m.model if isinstance(m, Learner) else m
 
+# %% ../nbs/31_ensemble.ipynb #15c10a01
 def prepare_ensemble(base_models: dict, weight_models: dict | None = None, **kwargs) -> tuple:
     "`prepare_for_inference` every base model `{id: model}` and weight model `{combo: WeightNet}`."
     b = {base_model_id(k): prepare_for_inference(as_net(m), **kwargs) for k, m in base_models.items()}
     w = {c: prepare_for_inference(as_net(m), **kwargs) for c, m in (weight_models or {}).items()}
     return b, w
 
+# %% ../nbs/31_ensemble.ipynb #15c10a02
 def weight_model_ids(key, wm) -> tuple:
     "Base model numbers a weight model combines: its saved `meta['models']`, else those of the combination `key`."
     ids = getattr(as_net(wm), 'meta', {}).get('models') or getattr(getattr(as_net(wm), '_orig_mod', None), 'meta', {}).get('models')
     return tuple(ids) if ids else combo_models(key)
 
+# %% ../nbs/31_ensemble.ipynb #15c10a04
 def _weight_input(probs: torch.Tensor, ids: list, combo: tuple, x: torch.Tensor | None, wcfg: dict) -> torch.Tensor:
     "Input of a weight model: the maps of its base models `combo` (in that order) [+ the image]."
     cols = [ids.index(i) for i in combo]
@@ -141,12 +149,14 @@ def ensemble_maps(base_models: dict,  # {model number: prepared InceptionUNet}
     out = x.shape[-2:]
     return uncrop(torch.cat(probs), box, padded, out), {c: uncrop(torch.cat(v), box, padded, out) for c, v in comb.items()}
 
+# %% ../nbs/31_ensemble.ipynb #15c10a06
 def case_result(combined: torch.Tensor, thr: float = 0.5) -> dict:
     "Post-processing of one case's combined map: slice scores, case probability, mask at `thr`."
     f = slice_score(combined).cpu().numpy()
     return dict(slice_scores=f, case_prob=case_probability(f, thr), combined=combined.cpu().numpy(),
                 combined_mask=(combined >= thr).cpu().numpy())
 
+# %% ../nbs/31_ensemble.ipynb #15c10a08
 def predict_case(models,  # base models of one combination, in its order (list), or `{model number: model}`
                  weight_model: nn.Module,  # its `WeightNet`
                  x,  # `(S, 4, H, W)` slices of one case
@@ -174,6 +184,7 @@ class WeightSet:
         if self.x is not None: inp = torch.cat([inp, self.x[i].float() / 255.])
         return inp, self.mask[i].long()
 
+# %% ../nbs/31_ensemble.ipynb #91aa1b02
 def weight_dls(cache: dict,  # from `prob_map_cache` (or hand-made): probs, mask, [x], ids, valid (bool per slice)
                combo, with_image: bool = False, bs: int = 16, seed: int = 0, device=None) -> DataLoaders:
     "fastai DataLoaders for a combination's weight model over cached base-model maps; batches `(input, mask)`."
@@ -188,19 +199,23 @@ def weight_dls(cache: dict,  # from `prob_map_cache` (or hand-made): probs, mask
     dls.n_inp = 1
     return dls
 
+# %% ../nbs/31_ensemble.ipynb #91aa1b03
+prob_dice_metric = DiceMetric(from_logits=False, name='prob_dice_metric')  # the weight model outputs probabilities
+
+# %% ../nbs/31_ensemble.ipynb #91aa1b04
 def fit_weight_net(dls: DataLoaders, k: int, path, name: str = 'weights',
                    epochs: int = 5, lr: float = 1e-3,  # Adam learning rate
                    with_image: bool = False, norm: str = 'k', base: int = 8, depth: int = 3,
+                   final=None, meta: dict | None = None,  # the final model file and its meta data (see `fit_resumable`)
+                   keep_checkpoints: bool = False, seed: int = 0,
+                   channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `seg_learner`
                    progress: bool = True) -> Learner:
-    "Train a `WeightNet` on cached maps with the soft Dice of the combined map (resumable)."
-    learn = seg_learner(dls, WeightNet(k, with_image, norm, base, depth), lr, path,
-                        loss_func=SegLoss(from_logits=False), metrics=[prob_dice_metric])
-    if progress: fit_resumable(learn, epochs, name)
-    else:
-        with learn.no_bar(), learn.no_logging(): fit_resumable(learn, epochs, name)
+    "Train a `WeightNet` on cached maps with the soft Dice of the combined map (`ich_nb.train.fit_resumable`)."
+    learn = seg_learner(dls, WeightNet(k, with_image, norm, base, depth), lr, path, loss_func=SegLoss(from_logits=False),
+                        metrics=[prob_dice_metric], channels_last=channels_last, amp=amp)
+    fit_resumable(learn, epochs, name, final=final, meta=meta, keep_checkpoints=keep_checkpoints, seed=seed, progress=progress)
+    learn.model.meta = dict(meta or {})  # as `load_net` would give it
     return learn
-
-prob_dice_metric = DiceMetric(from_logits=False, name='prob_dice_metric')  # the weight model outputs probabilities
 
 # %% ../nbs/31_ensemble.ipynb #e380f1ba
 @torch.inference_mode()
@@ -214,9 +229,8 @@ def prob_map_cache(base_models: dict,  # {model number: model or Learner}
                    bs: int = 16, device=None, progress: bool = True) -> dict:
     "Base-model probability maps (float16) of the weight model's training and validation slices."
     from ich_nb.data import slice_dls
-    from ich_nb.unet import _spec_ids
     tr, va = common_split(cohort, valid_pct, seed)
-    tr_ids, va_ids = _spec_ids(cohort, 'all', tr, seed), _spec_ids(cohort, 'all', va, seed)
+    tr_ids, va_ids = specialised_ids(cohort, 'all', tr, seed), specialised_ids(cohort, 'all', va, seed)
     n_valid = n_valid if n_valid is not None else (None if n_per_class is None else max(1, n_per_class // 4))
     trs, vas = seg_slices(cohort, tr_ids, n_per_class, seed), seg_slices(cohort, va_ids, n_valid, seed)
     device = torch.device(device) if device is not None else default_device()
@@ -233,32 +247,39 @@ def prob_map_cache(base_models: dict,  # {model number: model or Learner}
     out['valid'] = torch.tensor(out['valid']); out['x'] = out['x'] if keep_images else None
     return out
 
+# %% ../nbs/31_ensemble.ipynb #e380f1a1
 def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of base model numbers
                        base_models: dict,  # {model number: model or Learner}
                        cohort, path, size: int = 256,
                        cache: dict | None = None,  # a `prob_map_cache` with these base models (computed when None)
-                       epochs: int = 5, bs: int = 16, lr: float = 1e-3,
+                       epochs: int = 5,
+                       bs: int = 16,  # batch size (the global batch when training on several processes)
+                       lr: float = 1e-3,
                        with_image: bool = False, norm: str = 'k', base: int = 8, depth: int = 3,
                        n_per_class: int | None = None, valid_pct: float = 0.2, seed: int = 0, device=None,
                        name: str | None = None,  # file name part (default: the combination), e.g. 'all_softmax'
+                       channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `seg_learner`
                        overwrite: bool = False,
                        keep_checkpoints: bool = False,  # keep the per-epoch checkpoints once the final model is saved
                        progress: bool = True) -> Learner:
     "Train (or load) the weight model of one combination; the final model is `path/weights_{name}.pth`."
     ids = combo_models(combo); name = name or (combo if isinstance(combo, str) else '_'.join(map(str, ids)))
-    path = Path(path); final = path / f'weights_{name}.pth'
+    path, run = Path(path), f'weights_{name}'; final = path / f'{run}.pth'; init_distributed()
     seed_everything(seed)
     if cache is None:
         cache = prob_map_cache({i: base_models[i] for i in ids}, cohort, size, n_per_class, valid_pct=valid_pct,
                                seed=seed, keep_images=with_image, device=device, progress=progress)
     dls = weight_dls(cache, ids, with_image, bs, seed, device)
-    if overwrite: clear_run(path, f'weights_{name}')  # do not resume the old run's checkpoints
-    if final.exists() and not overwrite:
-        return seg_learner(dls, load_net(final, device=dls.device or 'cpu'), lr, path, loss_func=SegLoss(from_logits=False), metrics=[prob_dice_metric])
-    learn = fit_weight_net(dls, len(ids), path, f'weights_{name}', epochs, lr, with_image, norm, base, depth, progress)
-    learn.model.meta = dict(combo=name, models=list(ids), size=size, epochs=epochs, lr=lr, seed=seed)
-    save_net(learn.model, final, **learn.model.meta)
-    if not keep_checkpoints: drop_checkpoints(path, f'weights_{name}')
+    speed = dict(channels_last=channels_last, amp=amp)
+    if overwrite and is_main():  # do not resume the old run's checkpoints
+        clear_run(path, run); final.unlink(missing_ok=True)
+    barrier()
+    if final.exists():
+        return seg_learner(dls, load_net(final, device=dls.device or 'cpu'), lr, path, loss_func=SegLoss(from_logits=False),
+                           metrics=[prob_dice_metric], **speed)
+    meta = dict(combo=name, models=list(ids), size=size, epochs=epochs, lr=lr, seed=seed)
+    learn = fit_weight_net(dls, len(ids), path, run, epochs, lr, with_image, norm, base, depth, final=final, meta=meta,
+                           keep_checkpoints=keep_checkpoints, seed=seed, progress=progress, **speed)
     learn.model.eval()
     return learn
 
@@ -274,6 +295,7 @@ def case_spacing(cohort, case_id: str, size: int) -> tuple:
     f = n0 / size
     return dz, dy * f, dx * f
 
+# %% ../nbs/31_ensemble.ipynb #d7b8a1b2
 def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
                           weight_models: dict,  # {combination: WeightNet or Learner}
                           cohort,  # the external `ich_nb.data.Cohort`
@@ -328,6 +350,7 @@ def table3_subsets(cases: pd.DataFrame,  # case table (`cohort.cases`)
         out[name] = c.loc[s, 'case_id'].tolist()
     return out
 
+# %% ../nbs/31_ensemble.ipynb #213f1a01
 def combination_table(preds: pd.DataFrame,  # from `evaluate_combinations`
                       cases: pd.DataFrame,  # case table of the evaluated cohort
                       reference: str = COMBO_NAMES['basic'],
@@ -349,6 +372,7 @@ def volume_agreement(true_ml, pred_ml) -> dict:
     return dict(n=len(t), bias=float(d.mean()), loa_lo=float(d.mean() - 1.96 * sd), loa_hi=float(d.mean() + 1.96 * sd),
                 r=r, mae=float(np.abs(d).mean()))
 
+# %% ../nbs/31_ensemble.ipynb #f9f5dba2
 def plot_volumes(true_ml, pred_ml, title: str = '', figsize=(8, 3.4)):
     "Scatter (predicted vs true volume, identity line) and Bland-Altman plot; returns the figure."
     import matplotlib.pyplot as plt
