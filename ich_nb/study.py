@@ -36,13 +36,13 @@ class StudyConfig:
     n_train_a: int = 60  # cases of the "RSNA-like" cohort (hospital A, weak labels)
     n_train_b: int = 80  # cases of the "AI-Hub" cohort (hospital B, masks available)
     n_external: int = 200  # cases of the external test cohort (hospital C): AUC standard error about 0.035 at prevalence 0.5
-    networks: tuple = ('mobilenet_v2',)  # the demo trains one of the four; see PAPER_NETWORKS
-    clf_slices: int = 300  # balanced training slices per classifier (half with ICH)
-    clf_epochs: int = 3
+    networks: tuple = ('plain_cnn', 'mobilenet_v2')  # the demo: the light CAM network and one paper network; see PAPER_NETWORKS
+    clf_slices: int = 800  # balanced training slices per classifier (half with ICH)
+    clf_epochs: int = 3  # with `clf_slices` and `bs`: 150 optimiser steps per regime in the demo
     unet_epochs: int = 6
     weight_epochs: int = 2
     bs: int = 16
-    lr_clf: float = 1e-3
+    lr_clf: float = 3e-3  # peak of the one-cycle schedule
     lr_unet: float = 1e-2  # demo: 1cycle with a high peak; the paper preset uses the paper's constant Adam 1e-4
     unet_one_cycle: bool = True
     unet_bce: float = 1.  # pixel BCE added to the Dice loss (0 = Dice only, as in the paper)
@@ -51,7 +51,7 @@ class StudyConfig:
     unet_base: int = 8  # Inception U-Net width (channels of the first block)
     unet_depth: int = 4
     unet_pretrain_epochs: int = 3  # model 2: epochs of encoder pre-training on the 5 subtypes
-    saliency_net: str = 'mobilenet_v2'  # network shown in the saliency figure
+    saliency_net: str = 'plain_cnn'  # network shown in the saliency figure
     n_boot: int = 500
     workers: int = 2  # processes for cohort generation and pre-processing
     device: str | None = None  # torch device (default: cuda, then mps, then cpu)
@@ -61,7 +61,8 @@ PRESETS = {
     'demo': dict(),
     'paper': dict(out='runs/paper', size=512, n_train_a=1000, n_train_b=1000, n_external=986, clf_slices=13000,
                   networks=PAPER_NETWORKS, clf_epochs=20, unet_epochs=40, unet_slices=13000, unet_base=16,
-                  weight_epochs=10, bs=32, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3),
+                  weight_epochs=10, bs=32, lr_clf=1e-3, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3,
+                  saliency_net='mobilenet_v2'),
 }
 
 def make_config(preset: str = 'demo', **overrides) -> StudyConfig:
