@@ -200,6 +200,7 @@ def _shrink_png(b64: str, max_bytes: int) -> str:
 # %% ../nbs/80_docs.ipynb #5c1d0a26
 _DROP_MIME = ('application/vnd.jupyter.widget-view+json', 'application/vnd.jupyter.widget-state+json')
 
+# %% ../nbs/80_docs.ipynb #d22fe7c4
 def trim_outputs(outputs: list,  # a cell's outputs (nbformat dicts)
                  max_lines: int = 25,  # longest print / text repr kept
                  max_html: int = 30_000,  # longest HTML kept (a 10 x 20 DataFrame is about 5,000 characters)
@@ -350,6 +351,7 @@ _re_code = re.compile(r'^(`{3,}|~{3,}).*?^\1|(`+).*?\2', re.S | re.M)
 _re_display = re.compile(r'\$\$(.+?)\$\$', re.S)
 _re_inline = re.compile(r'(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\d$])')
 
+# %% ../nbs/80_docs.ipynb #d2a8cae3
 @functools.lru_cache(maxsize=None)
 def _markdown():
     "The mistune markdown function, with pygments for code blocks."
@@ -358,6 +360,7 @@ def _markdown():
         def block_code(self, code, info=None): return highlight(code, (info or '').split(' ')[0])
     return mistune.create_markdown(renderer=_Renderer(escape=False), plugins=['table', 'strikethrough', 'url'])
 
+# %% ../nbs/80_docs.ipynb #d2eb931f
 def render_markdown(md: str) -> str:
     "HTML of a markdown text: tables, highlighted code, math as MathML."
     maths, parts, pos = [], [], 0
@@ -388,6 +391,7 @@ def anchor_id(text: str,  # heading text (HTML tags are dropped)
 # %% ../nbs/80_docs.ipynb #5c1d0a57
 _re_ansi = re.compile(r'\x1b\[[0-9;]*[a-zA-Z]')
 
+# %% ../nbs/80_docs.ipynb #d2b6ef0a
 def output_html(o: dict,  # one output (nbformat dict)
                 save_image,  # `save_image(data: bytes, ext: str) -> str`: stores an image, returns its URL
                ) -> str:
@@ -585,6 +589,7 @@ def localize_links(body: str,  # HTML of a page
 # %% ../nbs/80_docs.ipynb #5c1d0a77
 _re_link = re.compile(r'<(?:a|img|link|script)\s[^>]*?\b(href|src)="([^"]*)"')
 
+# %% ../nbs/80_docs.ipynb #d2bab105
 def _anchors(site: Path) -> dict:
     "The ids of every page of `site`, by file name."
     return {p.name: set(re.findall(r'<[a-z0-9]+\s[^>]*?\bid="([^"]+)"', p.read_text(encoding='utf-8'))) for p in site.glob('*.html')}
