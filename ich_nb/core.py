@@ -124,6 +124,7 @@ def atomic_save(path, writer, suffix: str | None = None):
 # %% ../nbs/00_core.ipynb #8faf3f04
 _SCRATCH: list[Path] = []
 
+# %% ../nbs/00_core.ipynb #d2014aac
 def scratch_dir(prefix: str = 'ich_nb_') -> Path:
     "A new temporary folder, removed by `cleanup_scratch()` (or at interpreter exit)."
     p = Path(tempfile.mkdtemp(prefix=prefix)); _SCRATCH.append(p)

@@ -200,6 +200,7 @@ def _shrink_png(b64: str, max_bytes: int) -> str:
 # %% ../nbs/80_docs.ipynb #5c1d0a26
 _DROP_MIME = ('application/vnd.jupyter.widget-view+json', 'application/vnd.jupyter.widget-state+json')
 
+# %% ../nbs/80_docs.ipynb #d22fe7c4
 def trim_outputs(outputs: list,  # a cell's outputs (nbformat dicts)
                  max_lines: int = 25,  # longest print / text repr kept
                  max_html: int = 30_000,  # longest HTML kept (a 10 x 20 DataFrame is about 5,000 characters)
@@ -296,6 +297,17 @@ class ShowDocExecutor(exec_show_docs):
                 'this cell: it mixes imports with code that needs earlier cells; move the imports into a cell of their own)',
                 cid, severity='strict'))
 
+# %% ../nbs/80_docs.ipynb #d2bb3eb7
+def _code_lines(src: str) -> list:
+    "The lines of a cell's source without its `#|` directives (nbdev quotes some cells after removing them)."
+    return [l for l in src.strip().splitlines() if not l.startswith('#|')]
+
+# %% ../nbs/80_docs.ipynb #d2939e86
+def _warned_source(msg: str) -> list | None:
+    "The code lines of the cell that nbdev's warning about imports mixed with code quotes whole; None for other warnings."
+    m = re.match(r'Found cells containing imports and other code.*?\n---\n(.*)\n---\n?$', msg, re.S)
+    return _code_lines(m.group(1)) if m else None
+
 # %% ../nbs/80_docs.ipynb #5c1d0a40
 def process_notebook(nb):
     "Apply nbdev's documentation processors, `show_doc` entries in source order; problems found go to `nb.problems_`."
@@ -315,9 +327,10 @@ def process_notebook(nb):
         NBProcessor(nb=nb, procs=procs).process()
     reported = {p.idx for p in nb.problems_}
     for w in ws:  # nbdev warns about every cell that mixes imports with code (its FAQ), even when the cell runs;
-        if not str(w.message).startswith('Found cells containing imports and other code'): continue  # other warnings
-        for i, s, cid in src:  # come from running exported code (deprecations, ...), not from the page
-            if i not in reported and s.strip() and s.strip() in str(w.message):
+        quoted = _warned_source(str(w.message))  # other warnings come from running exported code (deprecations, ...)
+        if quoted is None: continue
+        for i, s, cid in src:
+            if i not in reported and s.strip() and _code_lines(s) == quoted:
                 reported.add(i)
                 nb.problems_.append(CellError(nb.path_, i, s, 'mixes imports with other code: nbdev_docs runs it again, alone, '
                                               'to document the page (nbdev FAQ); move the imports into a cell of their own', cid, severity='note'))
@@ -350,6 +363,7 @@ _re_code = re.compile(r'^(`{3,}|~{3,}).*?^\1|(`+).*?\2', re.S | re.M)
 _re_display = re.compile(r'\$\$(.+?)\$\$', re.S)
 _re_inline = re.compile(r'(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\d$])')
 
+# %% ../nbs/80_docs.ipynb #d2a8cae3
 @functools.lru_cache(maxsize=None)
 def _markdown():
     "The mistune markdown function, with pygments for code blocks."
@@ -358,6 +372,7 @@ def _markdown():
         def block_code(self, code, info=None): return highlight(code, (info or '').split(' ')[0])
     return mistune.create_markdown(renderer=_Renderer(escape=False), plugins=['table', 'strikethrough', 'url'])
 
+# %% ../nbs/80_docs.ipynb #d2eb931f
 def render_markdown(md: str) -> str:
     "HTML of a markdown text: tables, highlighted code, math as MathML."
     maths, parts, pos = [], [], 0
@@ -388,6 +403,7 @@ def anchor_id(text: str,  # heading text (HTML tags are dropped)
 # %% ../nbs/80_docs.ipynb #5c1d0a57
 _re_ansi = re.compile(r'\x1b\[[0-9;]*[a-zA-Z]')
 
+# %% ../nbs/80_docs.ipynb #d2b6ef0a
 def output_html(o: dict,  # one output (nbformat dict)
                 save_image,  # `save_image(data: bytes, ext: str) -> str`: stores an image, returns its URL
                ) -> str:
@@ -585,18 +601,22 @@ def localize_links(body: str,  # HTML of a page
 # %% ../nbs/80_docs.ipynb #5c1d0a77
 _re_link = re.compile(r'<(?:a|img|link|script)\s[^>]*?\b(href|src)="([^"]*)"')
 
+# %% ../nbs/80_docs.ipynb #d2bab105
 def _anchors(site: Path) -> dict:
     "The ids of every page of `site`, by file name."
     return {p.name: set(re.findall(r'<[a-z0-9]+\s[^>]*?\bid="([^"]+)"', p.read_text(encoding='utf-8'))) for p in site.glob('*.html')}
 
 # %% ../nbs/80_docs.ipynb #5c1d0a7a
-def check_links(site) -> list[str]:
+def check_links(site,
+                elsewhere: set = frozenset(),  # pages left out of a partial build (`file_glob`): links to them are not checked
+               ) -> list[str]:
     "Links and images of the site's pages (`<a href>`, `<img src>`, ...) whose file or anchor is missing."
     site = Path(site); ids, bad = _anchors(site), []
     for p in sorted(site.glob('*.html')):
         for attr, url in _re_link.findall(p.read_text(encoding='utf-8')):
             if not url or re.match(r'[a-z][a-z0-9+.-]*:|//', url, re.I): continue  # http:, https:, data:, mailto: ...
             f, _, frag = url.partition('#')
+            if f in elsewhere: continue
             if f and not (site / f).exists(): bad.append(f'{p.name}: {attr}="{url}": no file {f}')
             elif frag and (f or p.name).endswith('.html') and frag not in ids.get(f or p.name, set()):
                 bad.append(f'{p.name}: {attr}="{url}": no anchor #{frag} in {f or p.name}')
@@ -683,7 +703,7 @@ def build_docs(nbs_path=None,  # folder of notebooks (settings.ini's `nbs_path` 
     "Build the static HTML site from the notebooks and their stored outputs; raise `DocsBuildError` listing any problem."
     cfg = _cfg()
     nbs_path = Path(nbs_path or cfg.nbs_path); dest = Path(dest or cfg.config_path / cfg.get('doc_path', '_docs')).resolve()
-    fns = doc_notebooks(nbs_path, file_glob)
+    fns, every = doc_notebooks(nbs_path, file_glob), doc_notebooks(nbs_path)
     if not fns: raise FileNotFoundError(f'{nbs_path}: no notebooks match {file_glob or "*.ipynb"}')
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.ich_nb_docs_', dir=dest.parent)); (tmp / 'figures').mkdir()
@@ -693,7 +713,7 @@ def build_docs(nbs_path=None,  # folder of notebooks (settings.ini's `nbs_path` 
             try:
                 page, found = _render_page(fn, tmp / 'figures'); problems += found
                 page.title = page.title or title
-                page.body = localize_links(page.body, [f.name for f in fns])
+                page.body = localize_links(page.body, [f.name for f in every])
                 problems += [CellError(fn, None, '', f'image not found: {s}') for s in _copy_images(page.body, fn.parent, tmp)]
                 search += [dict(e, page=title, href=f"{href}#{e['id']}") for e in page.search]
             except CellError as e:
@@ -702,7 +722,7 @@ def build_docs(nbs_path=None,  # folder of notebooks (settings.ini's `nbs_path` 
             (tmp / href).write_text(page_html(page, href, pages, cfg.get('title', cfg.lib_name)), encoding='utf-8')
         _site_assets(tmp, nbs_path, search)
         unlink_missing(tmp)
-        problems += [CellError(tmp / 'site', None, '', f'broken link: {b}', severity='strict') for b in check_links(tmp)]
+        problems += [CellError(tmp / 'site', None, '', f'broken link: {b}', severity='strict') for b in check_links(tmp, {page_name(f) for f in every} - {h for h, _ in pages})]
         _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True); raise

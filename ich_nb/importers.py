@@ -14,11 +14,6 @@ import nibabel as nib
 from tqdm.auto import tqdm
 import ich_nb
 from .core import *
-warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # raised by fastai's import, noise on a CLI's stderr
-from .io import CTReadError, CTSeries, dicom_header, read_dicom_files, read_nifti, write_series, find_series, NIFTI_SUFFIXES
-from .synth import make_case, save_npz
-from .data import (dicom_facts, is_contrast, read_rsna_labels, rank_series,
-                         CQ500, PhysioNetICH, CQ500_FINDINGS, CQ500_READERS, check_cache_dir, write_cache)
 
 # %% auto #0
 __all__ = ['IMPORT_KINDS', 'SKIP_REASONS', 'AXIAL_MIN_COS', 'FAKE_PHI', 'RSNA_ORDER', 'CQ500_EXTRA', 'PHYSIONET_SUBTYPES',
@@ -26,8 +21,17 @@ __all__ = ['IMPORT_KINDS', 'SKIP_REASONS', 'AXIAL_MIN_COS', 'FAKE_PHI', 'RSNA_OR
            'fake_patient_id', 'fake_rsna', 'fake_cq500', 'fake_physionet', 'fake_folder', 'Candidate', 'hashed_id',
            'progress_lines', 'run_pool', 'patient_groups', 'scan_dicom', 'plan_rsna', 'plan_cq500', 'plan_physionet',
            'read_folder_labels', 'plan_folder', 'read_checked', 'attach_labels', 'attach_mask', 'case_record',
-           'import_case', 'NothingImported', 'strata_markers', 'assemble_cohort', 'import_cohort', 'import_parser',
+           'import_case', 'strata_markers', 'NothingImported', 'assemble_cohort', 'import_cohort', 'import_parser',
            'main', 'check_no_phi']
+
+# %% ../nbs/11_import.ipynb #d209cc27
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)  # raised by fastai's import, noise on a CLI's stderr
+
+# %% ../nbs/11_import.ipynb #d2f08335
+from .io import CTReadError, CTSeries, dicom_header, read_dicom_files, read_nifti, write_series, find_series, NIFTI_SUFFIXES
+from .synth import make_case, save_npz
+from .data import (dicom_facts, is_contrast, read_rsna_labels, rank_series,
+                         CQ500, PhysioNetICH, CQ500_FINDINGS, CQ500_READERS, check_cache_dir, write_cache)
 
 # %% ../nbs/11_import.ipynb #1a000007
 IMPORT_KINDS = ('rsna', 'cq500', 'physionet', 'folder')
@@ -337,6 +341,7 @@ def scan_dicom(files, workers: int = 1, progress: bool = True) -> tuple:
 # %% ../nbs/11_import.ipynb #1a000052
 RSNA_IMAGE_DIRS = ('stage_2_train', 'stage_2_train_images', 'stage_1_train_images', 'stage_1_train')  # as the downloads name them
 
+# %% ../nbs/11_import.ipynb #d2c2e151
 def plan_rsna(src, workers: int = 1, progress: bool = True,
               csv: str = 'stage_2_train.csv', img_dir: str | None = None,  # default: the first of `RSNA_IMAGE_DIRS` in SRC
              ) -> tuple:
@@ -413,6 +418,7 @@ def _dicom_like(folder: Path) -> bool:
     "Whether a folder holds a file that could be a DICOM (`.dcm`, `.dicom` or no suffix)."
     return any(p.is_file() and p.suffix.lower() in ('.dcm', '.dicom', '') and not p.name.startswith('.') for p in folder.iterdir())
 
+# %% ../nbs/11_import.ipynb #d2649bf6
 def _folder_units(src: Path, skip: set) -> tuple:
     "Series below `src` (`ich_nb.io.find_series`) without the masks and `skip`; the unreadable ones as skip rows."
     units, skips = [], []
@@ -557,10 +563,6 @@ def import_case(cand: Candidate, out, kind: str = 'folder', store: str = 'link',
     with atomic_write(out / 'import' / res['status'] / f'{cand.case_id}.json') as f: json.dump(res, f, default=_json_default)
     return res
 
-# %% ../nbs/11_import.ipynb #1a000073
-class NothingImported(RuntimeError):
-    "No case of the source could be imported (the validation report says why)."
-
 # %% ../nbs/11_import.ipynb #1b000014
 PLANNERS = dict(rsna=plan_rsna, cq500=plan_cq500, physionet=plan_physionet, folder=plan_folder)
 LABEL_ARGS = dict(rsna='csv', cq500='reads_csv', physionet='csv', folder='labels')  # each planner's name for the labels CSV
@@ -611,6 +613,10 @@ def _slice_rows(d: dict) -> pd.DataFrame:
 def _ich_version() -> str:
     "The installed ich_nb version."
     return ich_nb.__version__
+
+# %% ../nbs/11_import.ipynb #1a000073
+class NothingImported(RuntimeError):
+    "No case of the source could be imported (the validation report says why)."
 
 # %% ../nbs/11_import.ipynb #1b000017
 def assemble_cohort(out, kind: str, cands: list, skips: list, info: dict, params: dict) -> dict:

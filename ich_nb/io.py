@@ -136,6 +136,7 @@ def dicom_to_hu(ds: Dataset, fn='<dataset>') -> np.ndarray:
 # %% ../nbs/01_io.ipynb #f7a00002
 _FG_SEQS = ('SharedFunctionalGroupsSequence', 'PerFrameFunctionalGroupsSequence')
 
+# %% ../nbs/01_io.ipynb #d2103d80
 def frame_headers(ds: Dataset) -> list:
     "One flat header per frame of a multi-frame image: top-level tags, overlaid by the shared, then the frame's own functional groups."
     n = int(ds.get('NumberOfFrames', 1) or 1)
@@ -217,6 +218,7 @@ def reorient(vol: np.ndarray,  # 3D array in its stored axis order
 _LOSSY_TS = {'1.2.840.10008.1.2.4.50', '1.2.840.10008.1.2.4.51', '1.2.840.10008.1.2.4.81'}  # JPEG baseline/extended, JPEG-LS near-lossless
 _MAYBE_LOSSY_TS = {'1.2.840.10008.1.2.4.91', '1.2.840.10008.1.2.4.203'}  # JPEG 2000 and HTJ2K: lossy or lossless
 
+# %% ../nbs/01_io.ipynb #d2795415
 def compression_facts(ds: Dataset) -> dict:
     "`lossy` ('yes', 'no', 'possibly'), `compression_ratio` (recorded, else measured) and `transfer_syntax` of one file."
     ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
