@@ -164,7 +164,7 @@ def ensemble_maps(base_models: dict,  # {model number: prepared InceptionUNet}
 
 # %% ../nbs/31_ensemble.ipynb #17ca7fbd
 PAPER_RULE = 0.  # `min_component_ml` of the paper's rule: the slice score is the largest pixel of the combined map
-MIN_COMPONENT_ML = 0.05  # default minimum component volume of `evaluate_combinations` (measured below)
+MIN_COMPONENT_ML = PAPER_RULE  # default of `evaluate_combinations`: no gain measured below, so the paper rule
 
 # %% ../nbs/31_ensemble.ipynb #2d4f3ca0
 def drop_small_components(combined,  # combined map `(S, H, W)` of one case (numpy or torch)
@@ -243,7 +243,7 @@ def weight_dls(cache: dict,  # from `prob_map_cache` (or hand-made): probs, mask
 prob_dice_metric = DiceMetric(from_logits=False, name='prob_dice_metric')  # the weight model outputs probabilities
 
 # %% ../nbs/31_ensemble.ipynb #6b48a25d
-WEIGHT_MAX_WEIGHT = 1.  # default slice-max BCE weight of the weight model's loss (0: Dice only, paper; measured below)
+WEIGHT_MAX_WEIGHT = 0.  # default slice-max BCE weight of the weight model's loss: Dice only (paper); no gain measured below
 
 # %% ../nbs/31_ensemble.ipynb #91aa1b04
 def fit_weight_net(dls: DataLoaders, k: int, path, name: str = 'weights',
@@ -444,7 +444,7 @@ def plot_volumes(true_ml, pred_ml, title: str = '', figsize=(8, 3.4)):
     return fig
 
 # %% ../nbs/31_ensemble.ipynb #199f2086
-FP_CLASSES = ('outside / box edge', 'calcification', 'inner table', 'skull base', 'other')
+FP_CLASSES = ('outside / box edge', 'inner table', 'calcification', 'skull base', 'other')  # the order of the tests: 0, 1, 3, 2, 4
 
 # %% ../nbs/31_ensemble.ipynb #d11292c1
 def _near(m: torch.Tensor, r: int) -> torch.Tensor:
@@ -455,7 +455,8 @@ def fp_class_map(x,  # `(S, 4, H, W)` slices of one case in [0, 1] (uint8 is sca
                  fp,  # `(S, H, W)` bool: the firing pixels (e.g. combined >= 0.5 on a normal case)
                  near_px: int = 2,  # "near" = within this many pixels
                  bone_hu: float = 300., calc_hu: float = 100., air_hu: float = -300.,
-                 base_air: float = 0.01,  # a slice is at skull-base level when air inside the head covers this share of it
+                 base_air: float = 0.01,  # skull-base level: air inside the head covers this share of it,
+                 base_bone: float = 0.02,  # ... or bone (>= bone_hu) this share of the stripped brain (skull-base floor)
                  multiple: int = ENSEMBLE_MULTIPLE,  # the head box of `ensemble_maps`
                 ) -> np.ndarray:
     "Index into `FP_CLASSES` of every firing pixel (first class that applies), -1 elsewhere: int8 `(S, H, W)`."
@@ -466,9 +467,10 @@ def fp_class_map(x,  # `(S, 4, H, W)` slices of one case in [0, 1] (uint8 is sca
     y0, y1, x0, x1 = head_box(pad_to_multiple(t, multiple), multiple)
     inner = torch.zeros_like(brain); inner[:, y0 + near_px:y1 - near_px, x0 + near_px:x1 - near_px] = True
     outside = _near(~torch.from_numpy(head), near_px) | ~inner
-    calc, skull = _near((hu >= calc_hu) & brain, near_px), _near((hu >= bone_hu) & ~brain, near_px)
-    air_in = (head & (hu < air_hu).numpy()).sum((1, 2)); base = air_in >= base_air * np.maximum(head.sum((1, 2)), 1)
-    cls = np.select([outside.numpy(), calc.numpy(), skull.numpy(), np.broadcast_to(base[:, None, None], fp.shape)], [0, 1, 2, 3], 4)
+    skull, calc = _near((hu >= bone_hu) & ~brain, near_px), _near((hu >= calc_hu) & brain, near_px)
+    air_in, bone_in = (head & (hu < air_hu).numpy()).sum((1, 2)), ((hu >= bone_hu) & brain).sum((1, 2)).numpy()
+    base = (air_in >= base_air * np.maximum(head.sum((1, 2)), 1)) | (bone_in >= base_bone * np.maximum(brain.sum((1, 2)).numpy(), 1))
+    cls = np.select([outside.numpy(), skull.numpy(), np.broadcast_to(base[:, None, None], fp.shape), calc.numpy()], [0, 1, 3, 2], 4)
     return np.where(fp, cls, -1).astype(np.int8)
 
 # %% ../nbs/31_ensemble.ipynb #345ff0ef

@@ -384,7 +384,7 @@ def seg_slices(cohort, case_ids, n_per_class: int | None = None, seed: int = 0,
     return pd.concat([pos.sample(n, random_state=seed), negs]).reset_index(drop=True)
 
 # %% ../nbs/30_unet.ipynb #17335c22
-HARD_NEGATIVES = 0.5  # default share of confounder-rich lesion-free training slices (measured in 31_ensemble)
+HARD_NEGATIVES = 0.  # default: lesion-free slices at random (paper); 31_ensemble measured no specificity gain from 0.5
 
 # %% ../nbs/30_unet.ipynb #ac99ca7b
 def common_split(cohort, valid_pct: float = 0.2, seed: int = 0) -> tuple:
