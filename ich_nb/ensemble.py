@@ -8,19 +8,22 @@ import warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
+from scipy import ndimage as ndi
 from fastai.learner import Learner
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from .core import *
 from .train import *
 from .unet import *
+from .windowing import BONE
 
 # %% auto #0
-__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'prob_dice_metric', 'combine', 'slice_score', 'case_probability',
-           'combo_models', 'WeightNet', 'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps',
-           'case_result', 'predict_case', 'WeightSet', 'weight_dls', 'fit_weight_net', 'prob_map_cache',
-           'train_weight_model', 'case_spacing', 'evaluate_combinations', 'table3_subsets', 'combination_table',
-           'volume_agreement', 'plot_volumes']
+__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'ENSEMBLE_MULTIPLE', 'PAPER_RULE', 'MIN_COMPONENT_ML', 'prob_dice_metric',
+           'WEIGHT_MAX_WEIGHT', 'FP_CLASSES', 'combine', 'slice_score', 'case_probability', 'combo_models', 'WeightNet',
+           'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps', 'drop_small_components', 'case_result',
+           'predict_case', 'WeightSet', 'weight_dls', 'fit_weight_net', 'prob_map_cache', 'train_weight_model',
+           'case_spacing', 'evaluate_combinations', 'table3_subsets', 'combination_table', 'volume_agreement',
+           'plot_volumes', 'fp_class_map', 'fp_sources', 'plot_fp_examples', 'operating_summary']
 
 # %% ../nbs/31_ensemble.ipynb #d76d4098
 NORMS = ('k', 'softmax')  # the weight normalisations of `combine`
@@ -94,6 +97,9 @@ class WeightNet(InceptionUNet):
         w = super().forward(inp)
         return combine(inp[:, :self.k], torch.sigmoid(w) if self.norm == 'k' else w, self.norm)[:, None]
 
+# %% ../nbs/31_ensemble.ipynb #c8ed5fa9
+ENSEMBLE_MULTIPLE = 16  # head-box sides are multiples of this for any subset of networks (2**4: the base U-Nets' depth)
+
 # %% ../nbs/31_ensemble.ipynb #15c109d4
 def as_net(m) -> nn.Module:
     "The torch model of a fastai `Learner` or a model."
@@ -127,31 +133,65 @@ def ensemble_maps(base_models: dict,  # {model number: prepared InceptionUNet}
                   crop: bool = True,  # run on the head box only (zeros outside)
                   amp: bool = False,  # bf16 (CPU) / fp16 (CUDA) autocast
                   channels_last: bool = True,  # feed channels_last slices (match `prepare_for_inference`)
+                  multiple: int = ENSEMBLE_MULTIPLE,  # head-box multiple, the same whichever networks are passed
+                  return_weights: bool = False,  # also return `{combo: per-pixel weights (S, k, H, W)}`
                  ) -> tuple:
-    "`(probs (S, K, H, W) of the base models in sorted id order, {combo: combined map (S, H, W)})`."
+    "`(probs (S, K, H, W) of the base models in sorted id order, {combo: combined map (S, H, W)}[, {combo: weights}])`."
     ids = sorted(base_models)
     wids = {c: weight_model_ids(c, wm) for c, wm in weight_models.items()}
     need = {i for c in wids.values() for i in c} - set(ids)
     if need: raise ValueError(f'ensemble_maps: weight models need base model(s) {sorted(need)} that were not given')
     nets = [base_models[i] for i in ids] + list(weight_models.values())
     x = as_input(x, net_device(nets[0]))
-    m = max(2 ** net_config(n)['depth'] for n in nets)
-    xc, box, padded = crop_to_head(x, m, crop, channels_last)
+    deep = sorted({2 ** net_config(n)['depth'] for n in nets if multiple % 2 ** net_config(n)['depth']})
+    if deep: raise ValueError(f'ensemble_maps: the head-box multiple {multiple} is not a multiple of 2**depth = {deep} of a network; pass multiple=')
+    xc, box, padded = crop_to_head(x, multiple, crop, channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    probs, comb = [], {c: [] for c in weight_models}
+    probs, comb, wts = [], {c: [] for c in weight_models}, {c: [] for c in weight_models}
     with autocast_ctx(x.device, amp):
         for i in range(0, len(xc), bs):
             xb = xc[i:i + bs]
             p = torch.cat([torch.sigmoid(base_models[j](xb).float()) for j in ids], 1)
             probs.append(p)
             for c, wm in weight_models.items():
-                comb[c].append(wm(_weight_input(p, ids, wids[c], xb, net_config(wm)).contiguous(memory_format=fmt))[:, 0].float())
+                inp = _weight_input(p, ids, wids[c], xb, net_config(wm)).contiguous(memory_format=fmt)
+                if not return_weights: comb[c].append(wm(inp)[:, 0].float()); continue
+                w, k = wm.weight_maps(inp).float(), len(wids[c])  # the same numbers as `forward`, weights kept
+                wts[c].append(w); comb[c].append((inp[:, :k].float() * w).sum(1) / (k if net_config(wm)['norm'] == 'k' else 1))
     out = x.shape[-2:]
-    return uncrop(torch.cat(probs), box, padded, out), {c: uncrop(torch.cat(v), box, padded, out) for c, v in comb.items()}
+    res = uncrop(torch.cat(probs), box, padded, out), {c: uncrop(torch.cat(v), box, padded, out) for c, v in comb.items()}
+    return (*res, {c: uncrop(torch.cat(v), box, padded, out) for c, v in wts.items()}) if return_weights else res
+
+# %% ../nbs/31_ensemble.ipynb #17ca7fbd
+PAPER_RULE = 0.  # `min_component_ml` of the paper's rule: the slice score is the largest pixel of the combined map
+MIN_COMPONENT_ML = PAPER_RULE  # default of `evaluate_combinations`: no gain measured below, so the paper rule
+
+# %% ../nbs/31_ensemble.ipynb #2d4f3ca0
+def drop_small_components(combined,  # combined map `(S, H, W)` of one case (numpy or torch)
+                          spacing,  # `(dz, dy, dx)` voxel size in mm
+                          min_ml: float,  # components of `combined >= thr` below this volume (mL) are removed
+                          thr: float = 0.5,
+                         ):
+    "The map with every 26-connected component of `combined >= thr` smaller than `min_ml` set to 0."
+    if min_ml <= 0: return combined
+    is_t = isinstance(combined, torch.Tensor)
+    c = combined.detach().cpu().numpy() if is_t else np.asarray(combined)
+    if c.ndim != 3: raise ValueError(f'drop_small_components: expected a map (S, H, W), got shape {c.shape}')
+    lab, n = ndi.label(c >= thr, structure=np.ones((3, 3, 3), bool))
+    vox_ml = float(np.prod(spacing)) / 1000.
+    small = np.bincount(lab.ravel(), minlength=n + 1) < min_ml / vox_ml - 1e-6; small[0] = False
+    out = np.where(small[lab], 0, c).astype(c.dtype)
+    return torch.as_tensor(out, device=combined.device) if is_t else out
 
 # %% ../nbs/31_ensemble.ipynb #15c10a06
-def case_result(combined: torch.Tensor, thr: float = 0.5) -> dict:
+def case_result(combined: torch.Tensor, thr: float = 0.5,
+                spacing=None,  # `(dz, dy, dx)` mm; needed when `min_component_ml > 0`
+                min_component_ml: float = PAPER_RULE,  # `drop_small_components` before the slice scores (0: paper rule)
+               ) -> dict:
     "Post-processing of one case's combined map: slice scores, case probability, mask at `thr`."
+    if min_component_ml > 0:
+        if spacing is None: raise ValueError('case_result: min_component_ml > 0 needs the voxel spacing (spacing=)')
+        combined = drop_small_components(combined, spacing, min_component_ml, thr)
     f = slice_score(combined).cpu().numpy()
     return dict(slice_scores=f, case_prob=case_probability(f, thr), combined=combined.cpu().numpy(),
                 combined_mask=(combined >= thr).cpu().numpy())
@@ -202,16 +242,20 @@ def weight_dls(cache: dict,  # from `prob_map_cache` (or hand-made): probs, mask
 # %% ../nbs/31_ensemble.ipynb #91aa1b03
 prob_dice_metric = DiceMetric(from_logits=False, name='prob_dice_metric')  # the weight model outputs probabilities
 
+# %% ../nbs/31_ensemble.ipynb #6b48a25d
+WEIGHT_MAX_WEIGHT = 0.  # default slice-max BCE weight of the weight model's loss: Dice only (paper); no gain measured below
+
 # %% ../nbs/31_ensemble.ipynb #91aa1b04
 def fit_weight_net(dls: DataLoaders, k: int, path, name: str = 'weights',
                    epochs: int = 5, lr: float = 1e-3,  # Adam learning rate
                    with_image: bool = False, norm: str = 'k', base: int = 8, depth: int = 3,
+                   bce_weight: float = 0., max_weight: float = WEIGHT_MAX_WEIGHT,  # loss terms added to the Dice (`SegLoss`)
                    final=None, meta: dict | None = None,  # the final model file and its meta data (see `fit_resumable`)
                    keep_checkpoints: bool = False, seed: int = 0,
                    channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `seg_learner`
                    progress: bool = True) -> Learner:
-    "Train a `WeightNet` on cached maps with the soft Dice of the combined map (`ich_nb.train.fit_resumable`)."
-    learn = seg_learner(dls, WeightNet(k, with_image, norm, base, depth), lr, path, loss_func=SegLoss(from_logits=False),
+    "Train a `WeightNet` on cached maps: soft Dice (+ pixel / slice-max BCE) of the combined map (`fit_resumable`)."
+    learn = seg_learner(dls, WeightNet(k, with_image, norm, base, depth), lr, path, loss_func=SegLoss(bce_weight, from_logits=False, max_weight=max_weight),
                         metrics=[prob_dice_metric], channels_last=channels_last, amp=amp)
     fit_resumable(learn, epochs, name, final=final, meta=meta, keep_checkpoints=keep_checkpoints, seed=seed, progress=progress)
     learn.model.meta = dict(meta or {})  # as `load_net` would give it
@@ -256,6 +300,7 @@ def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of b
                        bs: int = 16,  # batch size (the global batch when training on several processes)
                        lr: float = 1e-3,
                        with_image: bool = False, norm: str = 'k', base: int = 8, depth: int = 3,
+                       bce_weight: float = 0., max_weight: float = WEIGHT_MAX_WEIGHT,  # loss terms (`fit_weight_net`)
                        n_per_class: int | None = None, valid_pct: float = 0.2, seed: int = 0, device=None,
                        name: str | None = None,  # file name part (default: the combination), e.g. 'all_softmax'
                        channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `seg_learner`
@@ -275,10 +320,11 @@ def train_weight_model(combo,  # combination name (`COMBINATIONS`) or tuple of b
         clear_run(path, run); final.unlink(missing_ok=True)
     barrier()
     if final.exists():
-        return seg_learner(dls, load_net(final, device=dls.device or 'cpu'), lr, path, loss_func=SegLoss(from_logits=False),
+        return seg_learner(dls, load_net(final, device=dls.device or 'cpu'), lr, path,
+                           loss_func=SegLoss(bce_weight, from_logits=False, max_weight=max_weight),
                            metrics=[prob_dice_metric], **speed)
-    meta = dict(combo=name, models=list(ids), size=size, epochs=epochs, lr=lr, seed=seed)
-    learn = fit_weight_net(dls, len(ids), path, run, epochs, lr, with_image, norm, base, depth, final=final, meta=meta,
+    meta = dict(combo=name, models=list(ids), size=size, epochs=epochs, lr=lr, seed=seed, bce_weight=bce_weight, max_weight=max_weight)
+    learn = fit_weight_net(dls, len(ids), path, run, epochs, lr, with_image, norm, base, depth, bce_weight, max_weight, final=final, meta=meta,
                            keep_checkpoints=keep_checkpoints, seed=seed, progress=progress, **speed)
     learn.model.eval()
     return learn
@@ -302,6 +348,9 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
                           size: int = 256, case_ids=None, thr: float = 0.5,
                           include_base: bool = False,  # also score each base model alone ('Model i')
                           bs: int = 8, crop: bool = True, amp: bool = False, device=None, progress: bool = True,
+                          min_component_ml: float = MIN_COMPONENT_ML,  # `drop_small_components` limit (`PAPER_RULE` = 0)
+                          rules: dict | None = None,  # more rows per model: {suffix: min_component_ml}, e.g. {'paper rule': 0.}
+                          fp_models=(),  # model names whose firing pixels on normal cases get `fp_class_map`s (in `.attrs['fp_maps']`)
                          ) -> pd.DataFrame:
     "Per-case probabilities and lesion volumes of every combination on a cohort (long format, see above)."
     from ich_nb.data import case_arrays
@@ -314,7 +363,7 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
     cases = cohort.cases.set_index('case_id')
     ids = list(cohort.case_ids if case_ids is None else case_ids)
     from fastprogress.fastprogress import progress_bar
-    rows = []
+    rows, fp_maps = [], {m: {} for m in fp_models}
     for cid in (progress_bar(ids, leave=False) if progress else ids):
         x, _, mask = case_arrays(cohort, cid, size)
         probs, comb = ensemble_maps(b, w, x, bs, crop, amp)
@@ -325,10 +374,14 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
         maps = {COMBO_NAMES.get(c, str(c)): (c, cm) for c, cm in comb.items()}
         if include_base: maps.update({f'Model {i}': (f'model{i}', probs[:, j]) for j, i in enumerate(sorted(b))})
         for name, (c, cm) in maps.items():
-            r = case_result(cm, thr)
-            rows.append(dict(base, model=name, combo=c, prob=r['case_prob'], max_slice=float(r['slice_scores'].max()),
-                             vol_pred_ml=lesion_volume_ml(r['combined_mask'], sp)))
-    return pd.DataFrame(rows)[['case_id', 'model', 'combo', 'prob', 'y', 'max_slice', 'vol_pred_ml', 'vol_true_ml', 'vol_ref_ml', 'n_slices']]
+            for suffix, mml in [('', min_component_ml), *(rules or {}).items()]:
+                r, model = case_result(cm, thr, sp, mml), f'{name} ({suffix})' if suffix else name
+                if model in fp_maps and base['y'] == 0: fp_maps[model][cid] = fp_class_map(x, r['combined_mask'])
+                rows.append(dict(base, model=model, combo=c, prob=r['case_prob'],
+                                 max_slice=float(r['slice_scores'].max()), vol_pred_ml=lesion_volume_ml(r['combined_mask'], sp)))
+    out = pd.DataFrame(rows)[['case_id', 'model', 'combo', 'prob', 'y', 'max_slice', 'vol_pred_ml', 'vol_true_ml', 'vol_ref_ml', 'n_slices']]
+    if fp_models: out.attrs['fp_maps'] = fp_maps
+    return out
 
 # %% ../nbs/31_ensemble.ipynb #213f14f5
 def table3_subsets(cases: pd.DataFrame,  # case table (`cohort.cases`)
@@ -389,3 +442,80 @@ def plot_volumes(true_ml, pred_ml, title: str = '', figsize=(8, 3.4)):
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/31_ensemble.ipynb #199f2086
+FP_CLASSES = ('outside / box edge', 'inner table', 'calcification', 'skull base', 'other')  # the order of the tests: 0, 1, 3, 2, 4
+
+# %% ../nbs/31_ensemble.ipynb #d11292c1
+def _near(m: torch.Tensor, r: int) -> torch.Tensor:
+    "Pixels within `r` (Chebyshev distance) of a True pixel of `(S, H, W)` masks."
+    return F.max_pool2d(m[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0
+
+def fp_class_map(x,  # `(S, 4, H, W)` slices of one case in [0, 1] (uint8 is scaled)
+                 fp,  # `(S, H, W)` bool: the firing pixels (e.g. combined >= 0.5 on a normal case)
+                 near_px: int = 2,  # "near" = within this many pixels
+                 bone_hu: float = 300., calc_hu: float = 100., air_hu: float = -300.,
+                 base_air: float = 0.01,  # skull-base level: air inside the head covers this share of it,
+                 base_bone: float = 0.02,  # ... or bone (>= bone_hu) this share of the stripped brain (skull-base floor)
+                 multiple: int = ENSEMBLE_MULTIPLE,  # the head box of `ensemble_maps`
+                ) -> np.ndarray:
+    "Index into `FP_CLASSES` of every firing pixel (first class that applies), -1 elsewhere: int8 `(S, H, W)`."
+    t = as_input(x, 'cpu'); fp = np.asarray(fp, bool)
+    hu, brain = t[:, 2] * BONE[0] + BONE[1] - BONE[0] / 2, t[:, 3] > 0
+    inplane = np.zeros((3, 3, 3), bool); inplane[1] = ndi.generate_binary_structure(2, 1)
+    head = ndi.binary_fill_holes((hu >= air_hu).numpy(), inplane)
+    y0, y1, x0, x1 = head_box(pad_to_multiple(t, multiple), multiple)
+    inner = torch.zeros_like(brain); inner[:, y0 + near_px:y1 - near_px, x0 + near_px:x1 - near_px] = True
+    outside = _near(~torch.from_numpy(head), near_px) | ~inner
+    skull, calc = _near((hu >= bone_hu) & ~brain, near_px), _near((hu >= calc_hu) & brain, near_px)
+    air_in, bone_in = (head & (hu < air_hu).numpy()).sum((1, 2)), ((hu >= bone_hu) & brain).sum((1, 2)).numpy()
+    base = (air_in >= base_air * np.maximum(head.sum((1, 2)), 1)) | (bone_in >= base_bone * np.maximum(brain.sum((1, 2)).numpy(), 1))
+    cls = np.select([outside.numpy(), skull.numpy(), np.broadcast_to(base[:, None, None], fp.shape), calc.numpy()], [0, 1, 3, 2], 4)
+    return np.where(fp, cls, -1).astype(np.int8)
+
+# %% ../nbs/31_ensemble.ipynb #345ff0ef
+def fp_sources(class_maps: dict,  # {case id: `fp_class_map` of a normal case}
+              ) -> pd.DataFrame:
+    "Per class of `FP_CLASSES`: firing pixels, their share, and the slices and cases with any."
+    rows = []
+    for i, name in enumerate(FP_CLASSES):
+        hit = {c: (m == i) for c, m in class_maps.items()}
+        rows.append(dict(source=name, fp_pixels=int(sum(h.sum() for h in hit.values())),
+                         slices=int(sum(h.any((1, 2)).sum() for h in hit.values())), cases=int(sum(h.any() for h in hit.values()))))
+    df = pd.DataFrame(rows).set_index('source')
+    df.insert(1, 'share', df.fp_pixels / max(df.fp_pixels.sum(), 1))
+    any_fp = {c: (m >= 0) for c, m in class_maps.items()}
+    df.loc['any'] = [df.fp_pixels.sum(), 1. if df.fp_pixels.sum() else 0., int(sum(h.any((1, 2)).sum() for h in any_fp.values())),
+                     int(sum(h.any() for h in any_fp.values()))]
+    return df.astype(dict(fp_pixels=int, slices=int, cases=int))
+
+# %% ../nbs/31_ensemble.ipynb #91296166
+def plot_fp_examples(examples: list,  # `(title, x (4, H, W), class map (H, W))` of firing slices
+                     ncols: int = 4, size: float = 2.2):
+    "Brain-window slices with their firing pixels coloured by `FP_CLASSES`; returns the figure."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    colours = plt.cm.tab10(np.arange(len(FP_CLASSES)))
+    nrows = -(-len(examples) // ncols)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size + 0.4), squeeze=False)
+    for ax in axs.flat: ax.axis('off')
+    for ax, (title, x, cm) in zip(axs.flat, examples):
+        rgba = np.zeros((*cm.shape, 4)); rgba[cm >= 0] = colours[cm[cm >= 0]]
+        ax.imshow(np.asarray(x)[1], cmap='gray', vmin=0, vmax=1); ax.imshow(rgba, interpolation='nearest')
+        ax.set_title(title, fontsize=7)
+    fig.legend(handles=[Patch(color=colours[i], label=n) for i, n in enumerate(FP_CLASSES)], loc='lower center', ncol=len(FP_CLASSES), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+# %% ../nbs/31_ensemble.ipynb #55c7ffec
+def operating_summary(preds: pd.DataFrame,  # from `evaluate_combinations`
+                      thr: float = 0.5) -> pd.DataFrame:
+    "Per model: AUC, sensitivity and specificity at `thr`, and what it says about the normal cases (probability, volume)."
+    from sklearn.metrics import roc_auc_score
+    def one(g):
+        pos, neg = g[g.y == 1], g[g.y == 0]
+        return pd.Series(dict(auc=roc_auc_score(g.y, g.prob) if 0 < len(pos) < len(g) else np.nan,
+                              sensitivity=(pos.prob >= thr).mean(), specificity=(neg.prob < thr).mean(),
+                              normal_median_prob=neg.prob.median(), normal_median_ml=neg.vol_pred_ml.median(),
+                              normal_max_ml=neg.vol_pred_ml.max(), n=len(g)))
+    return pd.DataFrame({m: one(g) for m, g in preds.groupby('model', sort=False)}).T

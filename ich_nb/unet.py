@@ -15,13 +15,15 @@ from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from .core import *
 from .train import *
+from .windowing import BRAIN
 
 # %% auto #0
-__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'ConvBnReLU', 'Inception', 'InceptionUNet', 'EncoderClassifier',
-           'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric', 'toy_seg_data', 'tensor_dls',
-           'fuse_conv_bn', 'prepare_for_inference', 'pad_to_multiple', 'head_box', 'autocast_ctx', 'as_input',
-           'net_config', 'net_device', 'crop_to_head', 'uncrop', 'predict_probs', 'seg_learner', 'base_model_id',
-           'seg_slices', 'common_split', 'specialised_ids', 'base_model_dls', 'subtype_dls', 'train_base_model']
+__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'HARD_NEGATIVES', 'ConvBnReLU', 'Inception', 'InceptionUNet',
+           'EncoderClassifier', 'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric', 'toy_seg_data',
+           'tensor_dls', 'fuse_conv_bn', 'prepare_for_inference', 'pad_to_multiple', 'head_box', 'autocast_ctx',
+           'as_input', 'net_config', 'net_device', 'crop_to_head', 'uncrop', 'predict_probs', 'seg_learner',
+           'base_model_id', 'confounder_score', 'slice_confounder_scores', 'seg_slices', 'common_split',
+           'specialised_ids', 'base_model_dls', 'subtype_dls', 'train_base_model']
 
 # %% ../nbs/30_unet.ipynb #edfcc241
 class ConvBnReLU(nn.Sequential):
@@ -136,15 +138,18 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, thr: float = 0.5, from_
 
 # %% ../nbs/30_unet.ipynb #b984f5c6
 class SegLoss:
-    "fastai loss for strong batches: batch soft Dice (+ `bce_weight` x pixel BCE) of the prediction vs `mask > 0`."
+    "fastai loss for strong batches: batch soft Dice (+ `bce_weight` x pixel BCE, + `max_weight` x slice-max BCE) vs `mask > 0`."
     def __init__(self, bce_weight: float = 0.,
                  from_logits: bool = True,  # False: the model outputs probabilities (the weight model)
-                 per_slice: bool = False):  # Dice per slice (see `soft_dice_loss`)
-        self.bce_weight, self.from_logits, self.per_slice = bce_weight, from_logits, per_slice
+                 per_slice: bool = False,  # Dice per slice (see `soft_dice_loss`)
+                 max_weight: float = 0.):  # BCE of each slice's largest pixel vs "the slice has a lesion"
+        self.bce_weight, self.from_logits, self.per_slice, self.max_weight = bce_weight, from_logits, per_slice, max_weight
     def __call__(self, pred, *ys):
         mask = ys[-1]  # strong batches: (y, mask); the mask is last
         loss = soft_dice_loss(pred, mask, from_logits=self.from_logits, per_slice=self.per_slice)
-        if self.bce_weight: loss = loss + self.bce_weight * self._bce(pred.reshape(mask.shape).float(), (mask > 0).float())
+        p, t = pred.reshape(mask.shape).float(), (mask > 0).float()
+        if self.bce_weight: loss = loss + self.bce_weight * self._bce(p, t)
+        if self.max_weight: loss = loss + self.max_weight * self._bce(p.flatten(1).amax(1), t.flatten(1).amax(1))
         return loss
     def _bce(self, p, t):
         if self.from_logits: return F.binary_cross_entropy_with_logits(p, t)
@@ -152,7 +157,7 @@ class SegLoss:
         return -(t * p.log() + (1 - t) * (1 - p).log()).mean()
     def activation(self, x): return torch.sigmoid(x) if self.from_logits else x
     def decodes(self, x): return x >= 0.5
-    def __repr__(self): return f'SegLoss(bce_weight={self.bce_weight}, from_logits={self.from_logits}, per_slice={self.per_slice})'
+    def __repr__(self): return f'SegLoss(bce_weight={self.bce_weight}, from_logits={self.from_logits}, per_slice={self.per_slice}, max_weight={self.max_weight})'
 
 # %% ../nbs/30_unet.ipynb #c31765a2
 class SubtypeLoss:
@@ -338,14 +343,48 @@ def base_model_id(kind) -> int:
     if kind in names: return names[kind]
     raise ValueError(f'unknown base model {kind!r}: use 1-5 or one of {list(names)}')
 
+# %% ../nbs/30_unet.ipynb #514e9c0c
+def confounder_score(x,  # `(S, 4, H, W)` slices: uint8 (0-255) or float in [0, 1]
+                     hu_min: float = 68.,  # a brain pixel at or above this (HU) looks dense
+                    ) -> np.ndarray:
+    "Per slice, the number of skull-stripped brain pixels at or above `hu_min` HU (brain window channel)."
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))  # a copy: cached images are read-only memory maps
+    if t.ndim != 4 or t.shape[1] != 4: raise ValueError(f'confounder_score: expected slices (S, 4, H, W), got {tuple(t.shape)}')
+    v = t[:, 3].float() / (255. if t.dtype == torch.uint8 else 1.)
+    w, l = BRAIN
+    return (v * w + l - w / 2 >= hu_min - 1e-3).sum((-2, -1)).numpy()
+
+# %% ../nbs/30_unet.ipynb #cc62d38e
+def slice_confounder_scores(cohort, slices: pd.DataFrame, size: int = 256) -> np.ndarray:
+    "`confounder_score` of each row of a slice table (`case_id`, `slice_index`), from the cohort's cached images."
+    out = np.zeros(len(slices), np.int64); cid = slices['case_id'].to_numpy(); si = slices['slice_index'].to_numpy()
+    for c in pd.unique(cid):
+        sel = cid == c
+        out[sel] = confounder_score(cohort.case_images(c, size))[si[sel]]
+    return out
+
 # %% ../nbs/30_unet.ipynb #d54994a4
-def seg_slices(cohort, case_ids, n_per_class: int | None = None, seed: int = 0) -> pd.DataFrame:
+def seg_slices(cohort, case_ids, n_per_class: int | None = None, seed: int = 0,
+               hard_negatives: float = 0.,  # share of lesion-free slices drawn among the confounder-rich (0: at random, paper)
+               size: int = 256,  # image size for `confounder_score` (used only when `hard_negatives > 0`)
+               hard_pool: float = 0.25,  # the confounder-rich slices: this top share of lesion-free slices by score
+              ) -> pd.DataFrame:
     "Every lesion slice of `case_ids` and as many lesion-free ones (at most `n_per_class` each), seeded."
+    if not 0 <= hard_negatives <= 1: raise ValueError(f'seg_slices: hard_negatives must be in [0, 1], got {hard_negatives}')
     s = cohort.slices[cohort.slices['case_id'].isin(set(case_ids))]
     pos, neg = s[s['any'] == 1], s[s['any'] == 0]
     n = min(len(pos), len(neg)) if n_per_class is None else min(len(pos), len(neg), n_per_class)
     if n == 0: raise ValueError(f'seg_slices: {len(pos)} lesion and {len(neg)} lesion-free slices in {len(set(case_ids))} cases; need both')
-    return pd.concat([pos.sample(n, random_state=seed), neg.sample(n, random_state=seed + 1)]).reset_index(drop=True)
+    if hard_negatives:
+        score = pd.Series(slice_confounder_scores(cohort, neg, size), index=neg.index)
+        hard = neg.loc[score.sort_values(ascending=False, kind='stable').index[:math.ceil(hard_pool * len(neg))]]
+        h = hard.sample(min(round(hard_negatives * n), len(hard)), random_state=seed + 1)
+        negs = pd.concat([h, neg.drop(h.index).sample(n - len(h), random_state=seed + 2)])
+    else: negs = neg.sample(n, random_state=seed + 1)
+    return pd.concat([pos.sample(n, random_state=seed), negs]).reset_index(drop=True)
+
+# %% ../nbs/30_unet.ipynb #17335c22
+HARD_NEGATIVES = 0.  # default: lesion-free slices at random (paper); 31_ensemble measured no specificity gain from 0.5
 
 # %% ../nbs/30_unet.ipynb #ac99ca7b
 def common_split(cohort, valid_pct: float = 0.2, seed: int = 0) -> tuple:
@@ -367,13 +406,15 @@ def specialised_ids(cohort, kind: str,  # a `SEG_KIND` value: 'all', 'sdh', 'sah
 def base_model_dls(kind, cohort, size: int = 256, bs: int = 16,
                    n_per_class: int | None = None,  # at most this many lesion (and lesion-free) training slices
                    n_valid: int | None = None,  # at most this many of each in validation (default n_per_class // 4)
-                   valid_pct: float = 0.2, seed: int = 0, device=None, **kwargs) -> DataLoaders:
+                   valid_pct: float = 0.2, seed: int = 0, device=None,
+                   hard_negatives: float = HARD_NEGATIVES,  # `seg_slices` option for the training slices (validation: at random)
+                   **kwargs) -> DataLoaders:
     "Strong DataLoaders of base model `kind`: its specialised cases of the common split, lesion-balanced slices."
     from ich_nb.data import slice_dls
     k = base_model_id(kind); tr, va = common_split(cohort, valid_pct, seed)
     tr_ids, va_ids = specialised_ids(cohort, SEG_KIND[k], tr, seed), specialised_ids(cohort, SEG_KIND[k], va, seed)
     n_valid = n_valid if n_valid is not None else (None if n_per_class is None else max(1, n_per_class // 4))
-    return slice_dls(cohort, seg_slices(cohort, tr_ids, n_per_class, seed), va_ids, size=size, bs=bs, strong=True,
+    return slice_dls(cohort, seg_slices(cohort, tr_ids, n_per_class, seed, hard_negatives, size), va_ids, size=size, bs=bs, strong=True,
                      seed=seed, device=device, **kwargs,  # validation shuffled: lesion and lesion-free slices mixed in every batch
                      valid_slices=seg_slices(cohort, va_ids, n_valid, seed).sample(frac=1, random_state=seed).reset_index(drop=True))
 
@@ -402,6 +443,7 @@ def train_base_model(kind,  # base model: 1-5 or its name in `BASE_MODELS`
                      pretrain_n_per_class: int = 200,  # model 2: `balanced_slices` per class for pre-training
                      bce_weight: float = 0.,  # add pixel BCE to the Dice loss
                      per_slice: bool = False,  # Dice per slice instead of over the batch
+                     hard_negatives: float = HARD_NEGATIVES,  # share of confounder-rich lesion-free slices (`seg_slices`; 0: paper)
                      one_cycle: bool = False,  # 1cycle schedule instead of constant lr
                      valid_pct: float = 0.2, seed: int = 0, device=None,
                      channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `seg_learner`
@@ -414,7 +456,7 @@ def train_base_model(kind,  # base model: 1-5 or its name in `BASE_MODELS`
     k = base_model_id(kind); path = Path(path); init_distributed()
     final, runs = path / f'model{k}.pth', [f'model{k}'] + (['model2_pretrain'] if k == 2 else [])
     seed_everything(seed)
-    dls = base_model_dls(k, cohort, size, bs, n_per_class, valid_pct=valid_pct, seed=seed, device=device)
+    dls = base_model_dls(k, cohort, size, bs, n_per_class, valid_pct=valid_pct, seed=seed, device=device, hard_negatives=hard_negatives)
     speed = dict(channels_last=channels_last, amp=amp)
     loss = SegLoss(bce_weight, per_slice=per_slice)
     if overwrite and is_main():  # the old run's checkpoints would otherwise be resumed
@@ -428,7 +470,7 @@ def train_base_model(kind,  # base model: 1-5 or its name in `BASE_MODELS`
         pl = seg_learner(pdls, net.encoder_classifier(5), lr, path, loss_func=SubtypeLoss(), metrics=[], **speed)
         fit_resumable(pl, pretrain_epochs, 'model2_pretrain', one_cycle=one_cycle, seed=seed, progress=progress)
     learn = seg_learner(dls, net, lr, path, loss_func=loss, **speed)
-    meta = dict(kind=k, name=BASE_MODELS[k], size=size, epochs=epochs, lr=lr, seed=seed)
+    meta = dict(kind=k, name=BASE_MODELS[k], size=size, epochs=epochs, lr=lr, seed=seed, hard_negatives=hard_negatives)
     fit_resumable(learn, epochs, f'model{k}', one_cycle=one_cycle, final=final, meta=meta, keep_checkpoints=keep_checkpoints,
                   seed=seed, cbs=cbs, progress=progress)
     if k == 2 and not keep_checkpoints and is_main(): drop_checkpoints(path, 'model2_pretrain')
