@@ -67,6 +67,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/ich_nb', 'doc_host': '', '
                                     'ich_nb.classifiers.classifier_learner': ( 'classifiers.html#classifier_learner',
                                                                                'ich_nb/classifiers.py'),
                                     'ich_nb.classifiers.example_slices': ('classifiers.html#example_slices', 'ich_nb/classifiers.py'),
+                                    'ich_nb.classifiers.fold_bn': ('classifiers.html#fold_bn', 'ich_nb/classifiers.py'),
                                     'ich_nb.classifiers.level_matched_slices': ( 'classifiers.html#level_matched_slices',
                                                                                  'ich_nb/classifiers.py'),
                                     'ich_nb.classifiers.level_only_auc': ('classifiers.html#level_only_auc', 'ich_nb/classifiers.py'),

@@ -4,10 +4,11 @@
 
 # %% ../nbs/20_classifiers.ipynb #aede2765
 from __future__ import annotations
-import hashlib, json, math, random, time, warnings
+import copy, hashlib, json, math, random, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 import timm
 from torchvision.models.vgg import make_layers as _vgg_layers, cfgs as _vgg_cfgs
 from fastcore.basics import store_attr
@@ -25,9 +26,10 @@ __all__ = ['ARCHS', 'PAPER_ARCHS', 'CAM_STRIDES', 'CASE_SCORES', 'LEVEL_BINS', '
            'VGGBody', 'PlainCNN', 'cached_weights', 'load_body_weights', 'cam_body', 'CAMClassifier', 'cam_seg_loss',
            'SliceLoss', 'SaliencyLoss', 'SliceAUC', 'slice_accuracy', 'SegLoss', 'tensor_dls', 'classifier_learner',
            'load_classifier', 'train_classifier', 'plot_training_logs', 'predict_slices', 'cam_maps',
-           'localisation_score', 'oracle_maps', 'case_scores', 'slice_levels', 'level_matched_slices', 'level_only_auc',
-           'youden_threshold', 'operating_points', 'regime_slices', 'regime_dls', 'validation_summary', 'run_regimes',
-           'load_regime_models', 'table2', 'roc_figure', 'example_slices', 'saliency_figure', 'localisation_table']
+           'localisation_score', 'oracle_maps', 'fold_bn', 'case_scores', 'slice_levels', 'level_matched_slices',
+           'level_only_auc', 'youden_threshold', 'operating_points', 'regime_slices', 'regime_dls',
+           'validation_summary', 'run_regimes', 'load_regime_models', 'table2', 'roc_figure', 'example_slices',
+           'saliency_figure', 'localisation_table']
 
 # %% ../nbs/20_classifiers.ipynb #3754305f
 ARCHS = {
@@ -481,6 +483,19 @@ def oracle_maps(mask,  # `(S, H, W)` integer masks; lesion = `mask > 0`
     c = F.interpolate(F.adaptive_avg_pool2d(m, g), size=tuple(m.shape[-2:]), mode='bilinear', align_corners=False)[:, 0]
     return _minmax(c).numpy().astype(np.float32)
 
+# %% ../nbs/20_classifiers.ipynb #120af0a4
+def fold_bn(model,  # `CAMClassifier` or a `Learner` around one
+           ) -> CAMClassifier:
+    "An eval-mode copy of the model with each `Conv2d` that a plain `BatchNorm2d` follows (in a `Sequential`) folded into one convolution."
+    m = copy.deepcopy(_as_model(model)).eval()
+    for seq in [s for s in m.modules() if isinstance(s, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
+                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return m
+
 # %% ../nbs/20_classifiers.ipynb #e34eae9c
 CASE_SCORES = ('max_prob', 'max_cam')
 
@@ -497,7 +512,7 @@ def case_scores(model,  # `CAMClassifier` or `Learner`
     ids = list(cases.index if case_ids is None else map(str, case_ids))
     unknown = [c for c in ids if c not in cases.index]
     if unknown: raise ValueError(f"case_ids not in the cohort: {unknown[:3]}")
-    rows = []
+    rows, model = [], fold_bn(model)
     for cid in (progress_bar(ids, leave=False) if progress and len(ids) > 1 else ids):
         x = cohort.case_images(cid, size)
         if score == 'max_prob': v = predict_slices(model, x, bs, device).max()
@@ -600,6 +615,7 @@ def regime_slices(cohort,  # source cohort of the regime (`ich_nb.data.Cohort`)
                else balanced_slices(cohort, n_val, case_ids=valid_ids, seed=seed))
     return dict(train=trn, valid=val, valid_ids=valid_ids)
 
+# %% ../nbs/20_classifiers.ipynb #7f93eee8
 def regime_dls(cohort,  # source cohort of the regime (`ich_nb.data.Cohort`)
                strong: bool,  # batches with masks
                n_per_class: int = 300,  # training slices with ICH (and as many without)
@@ -682,17 +698,18 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
             src = sources[spec['source']]
             sl = regime_slices(src, n_per_class, seed=seed, level_matched=level_matched)
             dls = regime_dls(src, spec['strong'], size=size, bs=bs, seed=seed, device=device, slices=sl)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             learn = train_classifier(a, dls, strong=spec['strong'], epochs=epochs, lr=lr, lam=lam, resolution=resolution, n_out=n_out, path=path,
                                      name=_regime_name(a, r), weights=weights, cam_stride=_stride(cam_stride, a), seed=seed,
                                      channels_last=channels_last, amp=amp, show_progress=show_progress)
             if is_main():
-                t1 = time.perf_counter()
+                t1, c1 = time.perf_counter(), time.process_time()
                 val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score)
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.process_time()
                 sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score)
                 row = dict(model=a, regime=r, n_train_slices=len(sl['train']), n_steps=len(dls.train) * epochs, **val,
-                           train_s=round(t1 - t0, 1), valid_s=round(t2 - t1, 1), score_s=round(time.perf_counter() - t2, 1))
+                           train_s=round(t1 - t0, 1), valid_s=round(t2 - t1, 1), score_s=round(time.perf_counter() - t2, 1),
+                           train_cpu_s=round(c1 - c0, 1), valid_cpu_s=round(c2 - c1, 1), score_cpu_s=round(time.process_time() - c2, 1))
                 _upsert(path / 'validation.csv', row)
                 if show_progress:
                     print(f"{a} | {r}: {row['n_steps']} steps; validation slice AUC {val['slice_auc']:.3f} (level only {val['level_only_auc']:.3f}); "
