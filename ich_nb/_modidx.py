@@ -578,6 +578,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/ich_nb', 'doc_host': '', '
                               'ich_nb.study.stage_seeds': ('study.html#stage_seeds', 'ich_nb/study.py'),
                               'ich_nb.study.table4_preds': ('study.html#table4_preds', 'ich_nb/study.py'),
                               'ich_nb.study.training_seed': ('study.html#training_seed', 'ich_nb/study.py'),
+                              'ich_nb.study.with_subset_n': ('study.html#with_subset_n', 'ich_nb/study.py'),
                               'ich_nb.study.write_report': ('study.html#write_report', 'ich_nb/study.py')},
             'ich_nb.synth': { 'ich_nb.synth.Blob': ('synth.html#blob', 'ich_nb/synth.py'),
                               'ich_nb.synth.Blob.__post_init__': ('synth.html#blob.__post_init__', 'ich_nb/synth.py'),

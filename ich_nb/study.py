@@ -13,9 +13,9 @@ from .explore import RUN_FORMAT  # the run-folder layout `load_run` reads
 
 
 # %% auto #0
-__all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'EXTERNAL_SCANNER', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO',
-           'STAGES', 'StudyConfig', 'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html',
-           'cohort_path', 'stage_cohorts', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds',
+__all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO', 'STAGES', 'StudyConfig',
+           'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html', 'cohort_path',
+           'stage_cohorts', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds', 'with_subset_n',
            'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review', 'pack_models', 'load_model_package',
            'write_report', 'stage_report', 'training_seed', 'seed_runs', 'model_columns', 'run_metrics',
            'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds', 'run_study', 'main']
@@ -35,14 +35,14 @@ class StudyConfig:
     size: int = 128  # in-plane image size fed to the networks
     n_train_a: int = 60  # cases of the "RSNA-like" cohort (hospital A, weak labels)
     n_train_b: int = 80  # cases of the "AI-Hub" cohort (hospital B, masks available)
-    n_external: int = 60  # cases of the external test cohort (hospital C)
-    networks: tuple = ('mobilenet_v2',)  # the demo trains one of the four; see PAPER_NETWORKS
-    clf_slices: int = 300  # balanced training slices per classifier (half with ICH)
-    clf_epochs: int = 3
+    n_external: int = 200  # cases of the external test cohort (hospital C): AUC standard error about 0.035 at prevalence 0.5
+    networks: tuple = ('plain_cnn', 'mobilenet_v2')  # the demo: the light CAM network and one paper network; see PAPER_NETWORKS
+    clf_slices: int = 800  # balanced training slices per classifier (half with ICH)
+    clf_epochs: int = 3  # with `clf_slices` and `bs`: 150 optimiser steps per regime in the demo
     unet_epochs: int = 6
     weight_epochs: int = 2
     bs: int = 16
-    lr_clf: float = 1e-3
+    lr_clf: float = 3e-3  # peak of the one-cycle schedule
     lr_unet: float = 1e-2  # demo: 1cycle with a high peak; the paper preset uses the paper's constant Adam 1e-4
     unet_one_cycle: bool = True
     unet_bce: float = 1.  # pixel BCE added to the Dice loss (0 = Dice only, as in the paper)
@@ -51,7 +51,7 @@ class StudyConfig:
     unet_base: int = 8  # Inception U-Net width (channels of the first block)
     unet_depth: int = 4
     unet_pretrain_epochs: int = 3  # model 2: epochs of encoder pre-training on the 5 subtypes
-    saliency_net: str = 'mobilenet_v2'  # network shown in the saliency figure
+    saliency_net: str = 'plain_cnn'  # network shown in the saliency figure
     n_boot: int = 500
     workers: int = 2  # processes for cohort generation and pre-processing
     device: str | None = None  # torch device (default: cuda, then mps, then cpu)
@@ -61,7 +61,8 @@ PRESETS = {
     'demo': dict(),
     'paper': dict(out='runs/paper', size=512, n_train_a=1000, n_train_b=1000, n_external=986, clf_slices=13000,
                   networks=PAPER_NETWORKS, clf_epochs=20, unet_epochs=40, unet_slices=13000, unet_base=16,
-                  weight_epochs=10, bs=32, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3),
+                  weight_epochs=10, bs=32, lr_clf=1e-3, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3,
+                  saliency_net='mobilenet_v2'),
 }
 
 def make_config(preset: str = 'demo', **overrides) -> StudyConfig:
@@ -172,10 +173,8 @@ def md_to_html(md: str, base: Path, title: str = 'ich_nb study report') -> str:
     return f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>{css}</style></head><body>{body}</body></html>'
 
 # %% ../nbs/50_study.ipynb #b70c93e1
-EXTERNAL_SCANNER = dict(name='C', noise_hu=(4., 7.), blur_mm=0.6, kernel='H30s', kvp=120, n_slices=(24, 38),
-                        fov_mm=(210., 245.), streaks=1.3, hu_offset=-2., holder=True, manufacturer='ich_nb synthetic C')
 COHORTS = dict(A=dict(scanner='A', seed_offset=0, field='cohort_a'), B=dict(scanner='B', seed_offset=1, field='cohort_b'),
-               external=dict(scanner=EXTERNAL_SCANNER, seed_offset=2, field='external'))
+               external=dict(scanner='C', seed_offset=2, field='external'))
 
 # %% ../nbs/50_study.ipynb #5cae1512
 def cohort_path(cfg: StudyConfig, name: str) -> Path:
@@ -209,8 +208,6 @@ def stage_classifiers(cfg: StudyConfig) -> dict:
     scores = run_regimes(src, load_cohort(cohort_path(cfg, 'external')), archs=list(cfg.networks),
                          path=Path(cfg.out) / 'classifiers', size=cfg.size, n_per_class=cfg.clf_slices // 2,
                          epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, seed=training_seed(cfg), device=cfg.device)
-    for f in (Path(cfg.out) / 'classifiers' / 'models').glob('*_[0-9]*.pth'):  # per-epoch resume checkpoints
-        if re.fullmatch(r'.+_\d+\.pth', f.name) and f.with_name(re.sub(r'_\d+\.pth$', '.pth', f.name)).exists(): f.unlink()
     return dict(models=int(scores.groupby(['model', 'regime']).ngroups), cases=int(scores['case_id'].nunique()))
 
 # %% ../nbs/50_study.ipynb #4a13b99c
@@ -264,6 +261,18 @@ def table4_preds(pred: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     cols.update({_net_name(a): f'{_net_name(a)} | {TABLE4_REGIME}' for a in cfg.networks})
     return pd.DataFrame({k: pred.set_index('case_id')[v] for k, v in cols.items()})
 
+# %% ../nbs/50_study.ipynb #b1d5b427
+def with_subset_n(t: pd.DataFrame,  # a `paper_table` (columns: subset, metric)
+                  subsets: dict,  # {subset name: case ids}; the names are the table's first column level
+                  y: pd.Series,  # 0/1 labels indexed by case id
+                 ) -> pd.DataFrame:
+    "`t` with each subset header followed by its n: 'SDH (n=70: 20 ICH, 50 normal)'."
+    def head(name):
+        yy = y.loc[list(subsets[name])] if name in subsets else y
+        return f'{name} (n={len(yy)}: {int(yy.sum())} ICH, {int(len(yy) - yy.sum())} normal)'
+    out = t.copy(); out.columns = pd.MultiIndex.from_tuples([(head(a), b) for a, b in t.columns])
+    out.attrs = dict(t.attrs); return out
+
 # %% ../nbs/50_study.ipynb #ad041ee5
 def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
     "Tables 2-4 (CSV + Markdown), the strata table and Figure 4 of a run; returns the per-case predictions."
@@ -271,18 +280,20 @@ def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
     from ich_nb.data import cohort_strata
     from ich_nb.stats import paper_table, save_table, plot_roc
     from ich_nb.classifiers import table2, roc_figure
-    from ich_nb.ensemble import combination_table
+    from ich_nb.ensemble import combination_table, table3_subsets
     out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'; fdir.mkdir(parents=True, exist_ok=True)
     pred = case_predictions(cfg)
     atomic_save(out / 'predictions.csv', lambda f: pred.to_csv(f, index=False))
     kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     clf = pd.read_csv(out / 'classifiers' / 'scores.csv', dtype={'case_id': str})
-    save_table(table2(clf, **kw), tdir / 'table2'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
+    y_all = pred.set_index('case_id')['y']
+    save_table(with_subset_n(table2(clf, **kw), {}, y_all), tdir / 'table2'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
-    save_table(combination_table(ens[ens['model'].str.startswith('Ensemble')], ext.cases, **kw), tdir / 'table3')
+    subsets = table3_subsets(ext.cases, ens['case_id'].unique())
+    save_table(with_subset_n(combination_table(ens[ens['model'].str.startswith('Ensemble')], ext.cases, **kw), subsets, y_all), tdir / 'table3')
     save_table(cohort_strata(ext), tdir / 'strata')
-    w = table4_preds(pred, cfg); y = pred.set_index('case_id').loc[w.index, 'y']
-    save_table(paper_table(w, y, reference='Weighted ensemble', **kw), tdir / 'table4')
+    w = table4_preds(pred, cfg); y = y_all.loc[w.index]
+    save_table(with_subset_n(paper_table(w, y, reference='Weighted ensemble', **kw), {}, y_all), tdir / 'table4')
     plt.close(plot_roc(y.to_numpy(), {k: w[k].to_numpy() for k in w}, fname=fdir / 'figure4_roc.png',
                        title=f'External cohort: weighted ensemble vs {_n_networks(cfg)}'))
     return pred
@@ -346,34 +357,25 @@ def stage_review(cfg: StudyConfig) -> dict:
 
 # %% ../nbs/50_study.ipynb #c4f88299
 def pack_models(cfg: StudyConfig) -> Path:
-    "Gather the run's classifiers, base models and weight models into one weights-only file."
+    "Gather the run's classifiers, base models and weight models (each in `ich_nb.train`'s model-file format) into one weights-only file."
     import torch, ich_nb
     out = Path(cfg.out)
     pkg = dict(ich_nb_version=ich_nb.__version__, config=json.loads(json.dumps(asdict(cfg))), classifiers={}, unets={})
-    for f in sorted((out / 'classifiers' / 'models').glob('*.pth')):
-        meta = f.with_suffix('.json')
-        if not meta.exists() or re.search(r'_\d+$', f.stem): continue  # per-epoch checkpoints are not packed
-        pkg['classifiers'][f.stem] = dict(meta=json.loads(meta.read_text()), state_dict=torch.load(f, map_location='cpu', weights_only=True))
-    for f in sorted((out / 'ensemble').glob('*.pth')):
-        d = torch.load(f, map_location='cpu', weights_only=True)
-        pkg['unets'][f.stem] = dict(config=d['config'], state_dict=d['state_dict'], meta=d.get('meta', {}))
+    for key, folder in [('classifiers', out / 'classifiers' / 'models'), ('unets', out / 'ensemble')]:
+        for f in sorted(folder.glob('*.pth')): pkg[key][f.stem] = torch.load(f, map_location='cpu', weights_only=True)
     dest = out / 'models' / 'ich_nb_models.pt'
     return atomic_save(dest, lambda t: torch.save(pkg, t))
 
+# %% ../nbs/50_study.ipynb #9318d1b9
 def load_model_package(path, device='cpu') -> dict:
     "Rebuild the models of a package (`weights_only` load): `{'classifiers': {name: model}, 'unets': {name: model}, 'config': ...}`."
     import torch
-    from ich_nb.classifiers import CAMClassifier
-    from ich_nb.unet import net_from_dict
+    from ich_nb.train import net_from_dict
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'{path}: no model package')
     pkg = torch.load(path, map_location=device, weights_only=True)
-    clf = {}
-    for name, d in pkg['classifiers'].items():
-        m = CAMClassifier(d['meta']['arch'], d['meta']['n_out'], d['meta']['in_chans']); m.load_state_dict(d['state_dict'])
-        clf[name] = m.to(device).eval()
-    unets = {name: net_from_dict(d, device, f'{path} [{name}]') for name, d in pkg['unets'].items()}
-    return dict(classifiers=clf, unets=unets, config=pkg['config'], ich_nb_version=pkg['ich_nb_version'])
+    nets = {k: {name: net_from_dict(d, device, f'{path} [{name}]') for name, d in pkg[k].items()} for k in ('classifiers', 'unets')}
+    return dict(**nets, config=pkg['config'], ich_nb_version=pkg['ich_nb_version'])
 
 # %% ../nbs/50_study.ipynb #1d9d9491
 def _md_file(p: Path) -> str: return p.read_text() if p.exists() else f'*({p.name} missing)*'
