@@ -4,10 +4,11 @@
 
 # %% ../nbs/20_classifiers.ipynb #aede2765
 from __future__ import annotations
-import hashlib, json, math, random, warnings
+import copy, hashlib, json, math, random, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import torch, torch.nn as nn, torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 import timm
 from torchvision.models.vgg import make_layers as _vgg_layers, cfgs as _vgg_cfgs
 from fastcore.basics import store_attr
@@ -16,16 +17,19 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
 from fastprogress.fastprogress import progress_bar
 from .core import LABEL_COLS, atomic_save, seed_everything
-from .data import split_cases, balanced_slices, slice_dls
-from .stats import paper_table, plot_roc
+from .data import split_cases, balanced_slices, slice_dls, case_slices
+from .stats import paper_table, plot_roc, auc_score, sens_spec, bootstrap_ci, CI
 from .train import *
 
 # %% auto #0
-__all__ = ['ARCHS', 'PAPER_ARCHS', 'CAM_STRIDES', 'REGIMES', 'cam_stride_of', 'VGGBody', 'PlainCNN', 'cached_weights',
-           'load_body_weights', 'cam_body', 'CAMClassifier', 'cam_seg_loss', 'SliceLoss', 'SaliencyLoss', 'SliceAUC',
-           'slice_accuracy', 'tensor_dls', 'classifier_learner', 'load_classifier', 'train_classifier',
-           'predict_slices', 'cam_maps', 'localisation_score', 'case_scores', 'regime_dls', 'run_regimes',
-           'load_regime_models', 'table2', 'roc_figure', 'example_slices', 'saliency_figure', 'localisation_table']
+__all__ = ['ARCHS', 'PAPER_ARCHS', 'CAM_STRIDES', 'CASE_SCORES', 'LEVEL_BINS', 'REGIMES', 'AT_THRESHOLD', 'cam_stride_of',
+           'VGGBody', 'PlainCNN', 'cached_weights', 'load_body_weights', 'cam_body', 'CAMClassifier', 'cam_seg_loss',
+           'SliceLoss', 'SaliencyLoss', 'SliceAUC', 'slice_accuracy', 'SegLoss', 'tensor_dls', 'classifier_learner',
+           'load_classifier', 'train_classifier', 'plot_training_logs', 'predict_slices', 'cam_maps',
+           'localisation_score', 'oracle_maps', 'fold_bn', 'case_scores', 'slice_levels', 'level_matched_slices',
+           'level_only_auc', 'youden_threshold', 'operating_points', 'regime_slices', 'regime_dls',
+           'validation_summary', 'run_regimes', 'load_regime_models', 'table2', 'roc_figure', 'example_slices',
+           'saliency_figure', 'localisation_table']
 
 # %% ../nbs/20_classifiers.ipynb #3754305f
 ARCHS = {
@@ -265,6 +269,19 @@ def slice_accuracy(pred, y, mask=None):
     z, t = _logits(pred)[:, 0], (y[:, 0] if y.ndim > 1 else y)
     return ((z > 0).float() == (t > 0.5).float()).float().mean()
 
+# %% ../nbs/20_classifiers.ipynb #c9108d6f
+class SegLoss(Metric):
+    "Validation CAM segmentation loss of a strong model (`SaliencyLoss.seg_loss`, without `lam`): column `seg_loss` of the log."
+    def reset(self): self.total, self.n = 0., 0
+    def accumulate(self, learn):
+        if len(learn.yb) < 2 or not hasattr(learn.loss_func, 'seg_loss'): return  # weak batches or loss: nothing to score
+        bs = len(learn.yb[0])
+        self.total += float(learn.loss_func.seg_loss(learn.pred, learn.yb[1])) * bs; self.n += bs
+    @property
+    def value(self): return self.total / self.n if self.n else float('nan')
+    @property
+    def name(self): return 'seg_loss'
+
 # %% ../nbs/20_classifiers.ipynb #d17a41a4
 def tensor_dls(x,  # `(N, 4, H, W)` float in [0, 1] (or uint8 0..255)
                y,  # `(N, 6)` or `(N,)` slice labels
@@ -307,7 +324,7 @@ def classifier_learner(arch: str,  # a key of `ARCHS`
     model.cam_offset.requires_grad_(strong)  # only the strong loss uses it (an unused parameter would stop DDP)
     loss = SaliencyLoss(lam, resolution=resolution) if strong else SliceLoss()
     cbs = list(kwargs.pop('cbs', None) or []) + speed_cbs(dls.device, channels_last, amp)
-    return Learner(dls, model, loss_func=loss, metrics=[SliceAUC(), slice_accuracy], splitter=_splitter, path=path, cbs=cbs, **kwargs)
+    return Learner(dls, model, loss_func=loss, metrics=[SliceAUC(), slice_accuracy] + ([SegLoss()] if strong else []), splitter=_splitter, path=path, cbs=cbs, **kwargs)
 
 # %% ../nbs/20_classifiers.ipynb #599bd0bc
 def load_classifier(file, device=None) -> CAMClassifier:
@@ -355,11 +372,40 @@ def train_classifier(arch: str,  # a key of `ARCHS`
     return fit_resumable(learn, epochs, name, lr, one_cycle=True, final=final, meta=meta, keep_checkpoints=keep_checkpoints,
                          seed=seed, cbs=cbs, progress=show_progress)
 
+# %% ../nbs/20_classifiers.ipynb #b98b1a86
+def plot_training_logs(path,  # run folder of `train_classifier` / `run_regimes`
+                       names,  # run names, e.g. ['plain_cnn_aihub_weak', 'plain_cnn_aihub_strong'] (`{name}_log.csv`)
+                       size: float = 3.2, fname=None,  # inches per panel; save as PNG
+                      ):
+    "Loss per epoch: training (solid) and validation (dashed) loss of each run, and the validation `seg_loss` of strong runs."
+    import matplotlib.pyplot as plt
+    files = {n: Path(path) / f'{n}_log.csv' for n in names}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing: raise FileNotFoundError(f"no training log {missing[0]} (run names are `<arch>_<regime>`)")
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for n, f in files.items():
+        d = pd.read_csv(f); ep = d['epoch'] + 1
+        line, = a0.plot(ep, d['train_loss'], marker='.', label=f'{n}')
+        a0.plot(ep, d['valid_loss'], '--', marker='.', color=line.get_color())
+        if 'seg_loss' in d: a1.plot(ep, d['seg_loss'], marker='o', color=line.get_color(), label=n)
+    a0.set(xlabel='epoch', ylabel='loss', title='training (solid) and validation (dashed) loss')
+    a1.set(xlabel='epoch', ylabel='CAM segmentation loss', title='validation saliency loss (strong runs)')
+    for a in (a0, a1):
+        if a.lines: a.legend(fontsize=6)
+    fig.tight_layout()
+    if fname is not None: atomic_save(fname, lambda f: fig.savefig(f, dpi=120, bbox_inches='tight'))
+    return fig
+
 # %% ../nbs/20_classifiers.ipynb #e3240a0c
 def _as_model(m) -> CAMClassifier:
     model = getattr(m, 'model', m)
     if not isinstance(model, CAMClassifier): raise TypeError(f"expected a CAMClassifier or a Learner around one, got {type(model).__name__}")
     return model
+
+def _minmax(c: torch.Tensor) -> torch.Tensor:
+    "Each map of `(S, H, W)` scaled to [0, 1] (a flat map becomes 0)."
+    lo, hi = c.amin((1, 2), keepdim=True), c.amax((1, 2), keepdim=True)
+    return (c - lo) / (hi - lo).clamp_min(1e-8)
 
 def _batches(x, bs: int, device):
     "Float `(b, C, H, W)` batches in [0, 1] on `device` from a uint8 or float array/tensor."
@@ -368,13 +414,13 @@ def _batches(x, bs: int, device):
     for i in range(0, len(x), bs):
         b = x[i:i + bs].to(device)
         b = b.float() / 255 if b.dtype == torch.uint8 else b.float()
-        yield b.contiguous(memory_format=torch.channels_last) if device.type == 'cuda' else b
+        yield b.contiguous(memory_format=torch.channels_last)  # 1.4-1.6x faster on the CPU too (`90_bench_classifiers`)
 
 def _run(model, x, bs: int, device, cam: bool):
     "Probabilities of `any` `(S,)` and, if `cam`, the CAM logits of `any` `(S, h, w)` (calibration offset included)."
     model = _as_model(model); device = torch.device(device) if device is not None else next(model.parameters()).device
     was, rc = model.training, model.return_cam
-    model.eval(); model.return_cam = True; model.to(device)
+    model.eval(); model.return_cam = True; model.to(device, memory_format=torch.channels_last)
     ps, cs = [], []
     try:
         with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == 'cuda'):
@@ -404,9 +450,7 @@ def cam_maps(model, x, bs: int = 32, device=None,
     p, c = _run(model, x, bs, device, cam=True)
     c = F.interpolate(c[:, None], size=tuple(np.shape(x)[-2:]), mode='bilinear', align_corners=False)[:, 0]
     if norm == 'sigmoid': c = torch.sigmoid(c)
-    elif norm == 'minmax':
-        lo, hi = c.amin((1, 2), keepdim=True), c.amax((1, 2), keepdim=True)
-        c = (c - lo) / (hi - lo).clamp_min(1e-8)
+    elif norm == 'minmax': c = _minmax(c)
     c = c.numpy().astype(np.float32)
     return (c, p) if with_probs else c
 
@@ -429,23 +473,122 @@ def localisation_score(cam,  # `(S, H, W)` maps in [0, 1] (e.g. `cam_maps(..., n
     hit = m.reshape(len(m), -1)[np.arange(len(m)), am]
     return dict(iou=float(iou.mean()), pointing=float(hit.mean()), n=int(pos.sum()))
 
+# %% ../nbs/20_classifiers.ipynb #6cd55490
+def oracle_maps(mask,  # `(S, H, W)` integer masks; lesion = `mask > 0`
+                grid,  # CAM grid: `(h, w)` or an int for a square one
+               ) -> np.ndarray:
+    "The lesion fraction of each cell of `grid`, upsampled (bilinear) and min-max normalised like `cam_maps`: `(S, H, W)` float32."
+    m = torch.from_numpy(np.asarray(mask) > 0).float()[:, None]
+    g = (grid, grid) if isinstance(grid, int) else tuple(grid)
+    c = F.interpolate(F.adaptive_avg_pool2d(m, g), size=tuple(m.shape[-2:]), mode='bilinear', align_corners=False)[:, 0]
+    return _minmax(c).numpy().astype(np.float32)
+
+# %% ../nbs/20_classifiers.ipynb #120af0a4
+def fold_bn(model,  # `CAMClassifier` or a `Learner` around one
+           ) -> CAMClassifier:
+    "An eval-mode copy of the model with each `Conv2d` that a plain `BatchNorm2d` follows (in a `Sequential`) folded into one convolution."
+    m = copy.deepcopy(_as_model(model)).eval()
+    for seq in [s for s in m.modules() if isinstance(s, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
+                seq._modules[a], seq._modules[b] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    return m
+
 # %% ../nbs/20_classifiers.ipynb #e34eae9c
+CASE_SCORES = ('max_prob', 'max_cam')
+
 def case_scores(model,  # `CAMClassifier` or `Learner`
                 cohort,  # an `ich_nb.data.Cohort` (anything with `.cases` and `.case_images(case_id, size)`)
                 case_ids=None,  # default: every case of the cohort
                 size: int = 256,  # image size the model was trained at
                 bs: int = 32, device=None, progress: bool = True,
+                score: str = 'max_prob',  # 'max_prob': max slice probability (paper); 'max_cam': max of the sigmoid CAM (strong models)
                ) -> pd.DataFrame:
-    "One row per case: `case_id`, `y` (case `any`), `prob` (max slice probability), `n_slices`."
+    "One row per case: `case_id`, `y` (case `any`), `prob` (the case score), `n_slices`, `score` (its name)."
+    if score not in CASE_SCORES: raise ValueError(f"score must be one of {CASE_SCORES}, got {score!r}")
     cases = cohort.cases.set_index(cohort.cases['case_id'].astype(str))
     ids = list(cases.index if case_ids is None else map(str, case_ids))
     unknown = [c for c in ids if c not in cases.index]
     if unknown: raise ValueError(f"case_ids not in the cohort: {unknown[:3]}")
-    rows = []
+    rows, model = [], fold_bn(model)
     for cid in (progress_bar(ids, leave=False) if progress and len(ids) > 1 else ids):
-        p = predict_slices(model, cohort.case_images(cid, size), bs, device)
-        rows.append(dict(case_id=cid, y=int(cases.loc[cid, 'any']), prob=float(p.max()), n_slices=len(p)))
-    return pd.DataFrame(rows, columns=['case_id', 'y', 'prob', 'n_slices'])
+        x = cohort.case_images(cid, size)
+        if score == 'max_prob': v = predict_slices(model, x, bs, device).max()
+        else: v = torch.sigmoid(_run(model, x, bs, device, cam=True)[1]).max()
+        rows.append(dict(case_id=cid, y=int(cases.loc[cid, 'any']), prob=float(v), n_slices=len(x), score=score))
+    return pd.DataFrame(rows, columns=['case_id', 'y', 'prob', 'n_slices', 'score'])
+
+# %% ../nbs/20_classifiers.ipynb #0691b2cc
+LEVEL_BINS = 10  # equal bins of the relative slice level
+
+def slice_levels(cohort,  # anything with a `.slices` table (case_id, slice_index)
+                 slices: pd.DataFrame | None = None,  # slices to annotate (default: all of the cohort's)
+                 n_bins: int = LEVEL_BINS,
+                ) -> pd.DataFrame:
+    "`slices` with `level` = (position in its case + 0.5) / slices in the case, in (0, 1), and `level_bin` = floor(level x n_bins)."
+    a = cohort.slices[['case_id', 'slice_index']].copy()
+    g = a.groupby('case_id')['slice_index']
+    a['level'] = (g.rank(method='first') - 0.5) / g.transform('size')
+    a['level_bin'] = np.minimum((a['level'] * n_bins).astype(int), n_bins - 1)
+    s = (cohort.slices if slices is None else slices).drop(columns=['level', 'level_bin'], errors='ignore')
+    out = s.merge(a, on=['case_id', 'slice_index'], how='left')
+    if out['level'].isna().any(): raise ValueError(f"slice_levels: {int(out['level'].isna().sum())} slices are not in the cohort's slice table")
+    return out
+
+# %% ../nbs/20_classifiers.ipynb #9e2c6d60
+def level_matched_slices(cohort,  # an `ich_nb.data.Cohort`
+                         case_ids=None,  # draw only from these cases (e.g. the validation split)
+                         n_per_class: int = 75,  # ICH slices, and as many without
+                         seed: int = 0, n_bins: int = LEVEL_BINS,
+                        ) -> pd.DataFrame:
+    "`n_per_class` ICH slices (subtype-balanced, `balanced_slices`) and, for each, a slice without ICH from its level bin."
+    pos = slice_levels(cohort, balanced_slices(cohort, n_per_class, case_ids=case_ids, seed=seed).pipe(lambda d: d[d['stratum'] != 'none']), n_bins)
+    neg = slice_levels(cohort, cohort.slices if case_ids is None else case_slices(cohort, case_ids), n_bins)
+    neg = neg[neg['any'] == 0]
+    if not len(neg): raise ValueError('level_matched_slices: no slice without ICH among the cases given')
+    rng, parts = np.random.default_rng(seed), []
+    for b, k in pos['level_bin'].value_counts().sort_index().items():
+        pool = np.flatnonzero(neg['level_bin'] == b)
+        if not len(pool):  # no negative at this level: the nearest level bin that has one
+            nb = neg['level_bin'].iloc[np.abs(neg['level_bin'].to_numpy() - b).argmin()]
+            warnings.warn(f'level_matched_slices: no slice without ICH in level bin {b}; using bin {nb}'); pool = np.flatnonzero(neg['level_bin'] == nb)
+        elif len(pool) < k: warnings.warn(f'level_matched_slices: only {len(pool)} slices without ICH in level bin {b} for {k}; drawing with replacement')
+        parts.append(neg.iloc[rng.choice(pool, k, replace=len(pool) < k)])
+    return pd.concat(parts + [pos], ignore_index=True).assign(stratum=lambda d: d['stratum'].fillna('none'))
+
+# %% ../nbs/20_classifiers.ipynb #8232d50a
+def level_only_auc(cohort,  # the cohort both slice tables come from
+                   train_slices: pd.DataFrame,  # where the positive rate of each level bin is learnt
+                   valid_slices: pd.DataFrame,  # where the level-only predictor is scored
+                   n_bins: int = LEVEL_BINS,
+                  ) -> float:
+    "Slice AUC on `valid_slices` of the positive rate of each slice's level bin among `train_slices` (a bin they lack: their overall rate)."
+    t, v = slice_levels(cohort, train_slices, n_bins), slice_levels(cohort, valid_slices, n_bins)
+    rate = t.groupby('level_bin')['any'].mean()
+    return auc_score(v['any'].to_numpy(), v['level_bin'].map(rate).fillna(t['any'].mean()).to_numpy(float))
+
+# %% ../nbs/20_classifiers.ipynb #dada8cf1
+def youden_threshold(y,  # 0/1 case labels (validation cases)
+                     prob,  # case scores
+                    ) -> float:
+    "The case score `t` (positive when `prob >= t`) maximising sensitivity + specificity - 1; ties: the lowest `t`."
+    y, p = np.asarray(y).astype(bool), np.asarray(prob, float)
+    if y.all() or not y.any(): raise ValueError(f'youden_threshold needs cases of both classes, got {int(y.sum())} positive of {len(y)}')
+    ts = np.unique(p)
+    j = (p[y][:, None] >= ts).mean(0) + (p[~y][:, None] < ts).mean(0) - 1
+    return float(ts[np.flatnonzero(np.isclose(j, j.max()))[0]])
+
+# %% ../nbs/20_classifiers.ipynb #e6889fb3
+def operating_points(y,  # 0/1 case labels
+                     prob,  # case scores
+                     threshold: float,  # e.g. `youden_threshold` of the validation cases
+                    ) -> pd.DataFrame:
+    "Sensitivity and specificity at 0.5 and at `threshold` (rows 'at 0.5', 'at validation threshold')."
+    rows = {name: dict(threshold=t, **dict(zip(('sensitivity', 'specificity'), sens_spec(y, prob, t))))
+            for name, t in [('at 0.5', 0.5), ('at validation threshold', float(threshold))]}
+    return pd.DataFrame(rows).T.rename_axis('operating point')
 
 # %% ../nbs/20_classifiers.ipynb #037c6bd2
 REGIMES = {
@@ -455,20 +598,54 @@ REGIMES = {
 }
 
 # %% ../nbs/20_classifiers.ipynb #037c6ba1
+def regime_slices(cohort,  # source cohort of the regime (`ich_nb.data.Cohort`)
+                  n_per_class: int = 300,  # training slices with ICH (and as many without)
+                  valid_pct: float = 0.2,  # share of cases held out for validation
+                  seed: int = 0,
+                  level_matched: bool = True,  # validation negatives from the level bins of the positives (else balanced)
+                 ) -> dict:
+    "`train` (balanced) and `valid` (a quarter as many per class) slice tables of a case split, and the `valid_ids`."
+    train_ids, valid_ids = split_cases(cohort, valid_pct, seed)
+    n_val = max(1, n_per_class // 4)
+    with warnings.catch_warnings():
+        for w in ('balanced_slices: only', 'level_matched_slices: only'):  # small cohorts: draws with replacement
+            warnings.filterwarnings('ignore', message=w)
+        trn = balanced_slices(cohort, n_per_class, case_ids=train_ids, seed=seed)
+        val = (level_matched_slices(cohort, valid_ids, n_val, seed) if level_matched
+               else balanced_slices(cohort, n_val, case_ids=valid_ids, seed=seed))
+    return dict(train=trn, valid=val, valid_ids=valid_ids)
+
+# %% ../nbs/20_classifiers.ipynb #7f93eee8
 def regime_dls(cohort,  # source cohort of the regime (`ich_nb.data.Cohort`)
                strong: bool,  # batches with masks
                n_per_class: int = 300,  # training slices with ICH (and as many without)
                size: int = 256, bs: int = 16,
                valid_pct: float = 0.2,  # share of cases held out for validation
-               seed: int = 0, device=None, **kwargs,  # passed to `ich_nb.data.slice_dls`
+               seed: int = 0, device=None,
+               slices: dict | None = None,  # `regime_slices` output (default: drawn here)
+               level_matched: bool = True,  # see `regime_slices`
+               **kwargs,  # passed to `ich_nb.data.slice_dls`
               ) -> DataLoaders:
-    "Balanced slice DataLoaders of one regime: case split, `n_per_class` per class for training, a quarter for validation."
-    train_ids, valid_ids = split_cases(cohort, valid_pct, seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='balanced_slices: only')  # small cohorts: draws with replacement
-        trn = balanced_slices(cohort, n_per_class, case_ids=train_ids, seed=seed)
-        val = balanced_slices(cohort, max(1, n_per_class // 4), case_ids=valid_ids, seed=seed)
-    return slice_dls(cohort, trn, valid_ids, size=size, bs=bs, strong=strong, seed=seed, device=device, valid_slices=val, **kwargs)
+    "Slice DataLoaders of one regime on the slices of `regime_slices`."
+    s = slices or regime_slices(cohort, n_per_class, valid_pct, seed, level_matched)
+    return slice_dls(cohort, s['train'], s['valid_ids'], size=size, bs=bs, strong=strong, seed=seed, device=device, valid_slices=s['valid'], **kwargs)
+
+# %% ../nbs/20_classifiers.ipynb #9e7960db
+def validation_summary(model,  # `CAMClassifier` or `Learner`
+                       cohort,  # the regime's source cohort
+                       slices: dict,  # `regime_slices` output the model was trained on
+                       size: int = 256, bs: int = 32, device=None, progress: bool = False,
+                       score: str = 'max_prob',  # case score, see `case_scores`
+                      ) -> dict:
+    "Slice AUC and level-only AUC on the validation slices; case AUC, Youden threshold and operating points on the validation cases."
+    v = slices['valid']
+    x = np.stack([cohort.case_images(c, size)[k] for c, k in zip(v['case_id'], v['slice_index'])])
+    cs = case_scores(model, cohort, slices['valid_ids'], size, bs, device, progress, score)
+    thr = youden_threshold(cs['y'], cs['prob']); op = operating_points(cs['y'], cs['prob'], thr)
+    return dict(n_valid_slices=len(v), slice_auc=auc_score(v['any'].to_numpy(), predict_slices(model, x, bs, device)),
+                level_only_auc=level_only_auc(cohort, slices['train'], v), n_valid_cases=len(cs), case_auc=auc_score(cs['y'], cs['prob']),
+                threshold=thr, sens_05=op.loc['at 0.5', 'sensitivity'], spec_05=op.loc['at 0.5', 'specificity'],
+                sens_thr=op.loc['at validation threshold', 'sensitivity'], spec_thr=op.loc['at validation threshold', 'specificity'], score=score)
 
 # %% ../nbs/20_classifiers.ipynb #ef688ef6
 def _regime_name(arch: str, regime: str) -> str: return f'{arch}_{regime}'
@@ -480,22 +657,35 @@ def _check_sources(sources: dict, regimes):
         if src not in sources: raise ValueError(f"regime {r!r} needs sources[{src!r}] (got sources for {list(sources)})")
         if REGIMES[r]['strong'] and not sources[src].has_masks: raise ValueError(f"regime {r!r} needs masks but sources[{src!r}] has none")
 
+def _stride(cam_stride, arch: str):
+    "The CAM stride of `arch` from one stride for all (or None) or a `{network: stride}` dict."
+    return cam_stride.get(arch) if isinstance(cam_stride, dict) else cam_stride
+
+def _upsert(file: Path, row: dict, keys=('model', 'regime')):
+    "Replace (or append) the row of `keys` in a CSV table, atomically."
+    df = pd.read_csv(file, dtype={'model': str}) if file.is_file() else pd.DataFrame(columns=list(row))
+    df = df[~(df[list(keys)] == pd.Series({k: row[k] for k in keys})).all(axis=1)]
+    df = pd.concat([df, pd.DataFrame([row])], ignore_index=True)
+    atomic_save(file, lambda f: df.to_csv(f, index=False))
+
 def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with masks)}
                 external,  # the external test cohort
                 archs=PAPER_ARCHS,  # networks (keys of `ARCHS`)
                 regimes=tuple(REGIMES),  # regimes (keys of `REGIMES`)
                 path='classifiers',  # run folder: models/, logs, scores.csv
-                size: int = 256, n_per_class: int = 300, epochs: int = 2, bs: int = 16,
-                lr: float = 1e-3, lam: float = 1.,  # learning rate; weight of the CAM loss (strong)
+                size: int = 256, n_per_class: int = 300, epochs: int = 4, bs: int = 16,  # 600 slices x 4 / 16: 152 steps
+                lr: float = 3e-3, lam: float = 1.,  # learning rate; weight of the CAM loss (strong)
                 resolution: str = 'mask',  # where the CAM loss is computed, see `cam_seg_loss`
                 n_out: int = 1,
-                cam_stride: int | None = None,  # 8, 16 or 32 for every network (default: each network's own)
+                cam_stride: int | dict | None = None,  # 8, 16 or 32 for every network, or {network: stride} (default: each network's own)
                 weights=None,  # None (from scratch) or 'cache' (each network's cached ImageNet weights, see `cam_body`)
                 channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `classifier_learner`
                 seed: int = 0, device=None, show_progress: bool = True,
+                level_matched: bool = True,  # level-matched validation slices (see `regime_slices`)
+                score: str = 'max_prob',  # case score of validation and external cases (see `case_scores`)
                ) -> pd.DataFrame:
-    "Train every network in every regime and score the external cases: long table `case_id, model, regime, prob, y`."
-    for a in archs: cam_stride_of(a, cam_stride)
+    "Train every network in every regime, validate it (`validation.csv`), score the external cases: `case_id, model, regime, prob, y`."
+    for a in archs: cam_stride_of(a, _stride(cam_stride, a))
     _check_sources(sources, regimes); init_distributed()
     path = Path(path); scores_f = path / 'scores.csv'
     cols = ['case_id', 'model', 'regime', 'prob', 'y']
@@ -505,12 +695,25 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
         if not pending: continue
         spec = REGIMES[r]
         for a in pending:  # fresh DataLoaders per network: the same batches whatever trained before (or a resume)
-            dls = regime_dls(sources[spec['source']], spec['strong'], n_per_class, size, bs, seed=seed, device=device)
+            src = sources[spec['source']]
+            sl = regime_slices(src, n_per_class, seed=seed, level_matched=level_matched)
+            dls = regime_dls(src, spec['strong'], size=size, bs=bs, seed=seed, device=device, slices=sl)
+            t0, c0 = time.perf_counter(), time.process_time()
             learn = train_classifier(a, dls, strong=spec['strong'], epochs=epochs, lr=lr, lam=lam, resolution=resolution, n_out=n_out, path=path,
-                                     name=_regime_name(a, r), weights=weights, cam_stride=cam_stride, seed=seed,
+                                     name=_regime_name(a, r), weights=weights, cam_stride=_stride(cam_stride, a), seed=seed,
                                      channels_last=channels_last, amp=amp, show_progress=show_progress)
             if is_main():
-                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress)
+                t1, c1 = time.perf_counter(), time.process_time()
+                val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score)
+                t2, c2 = time.perf_counter(), time.process_time()
+                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score)
+                row = dict(model=a, regime=r, n_train_slices=len(sl['train']), n_steps=len(dls.train) * epochs, **val,
+                           train_s=round(t1 - t0, 1), valid_s=round(t2 - t1, 1), score_s=round(time.perf_counter() - t2, 1),
+                           train_cpu_s=round(c1 - c0, 1), valid_cpu_s=round(c2 - c1, 1), score_cpu_s=round(time.process_time() - c2, 1))
+                _upsert(path / 'validation.csv', row)
+                if show_progress:
+                    print(f"{a} | {r}: {row['n_steps']} steps; validation slice AUC {val['slice_auc']:.3f} (level only {val['level_only_auc']:.3f}); "
+                          f"threshold {val['threshold']:.3f} (Youden, {val['n_valid_cases']} validation cases)")
                 done = pd.concat([done, sc.assign(model=a, regime=r)[cols]], ignore_index=True)
                 atomic_save(scores_f, lambda f: done.to_csv(f, index=False))
             barrier()
@@ -539,14 +742,37 @@ def _display_names(scores: pd.DataFrame) -> pd.DataFrame:
     return s.assign(model=s['model'].map(lambda a: ARCHS[a]['name'] if a in ARCHS else a),
                     regime=s['regime'].map(lambda r: REGIMES[r]['title'] if r in REGIMES else r))
 
+AT_THRESHOLD = ('Validation threshold', 'Sensitivity (validation threshold)', 'Specificity (validation threshold)')
+
+def _threshold_columns(t: pd.DataFrame, scores: pd.DataFrame, thresholds: pd.DataFrame, n_boot: int, seed: int, digits: int) -> pd.DataFrame:
+    "Add each model's validation threshold and sensitivity/specificity (95% CI) at it to a formatted Table 2."
+    thr = thresholds.astype({'model': str, 'regime': str}).set_index(['model', 'regime'])['threshold']
+    t = t.copy(); cols = []
+    for (a, r), g in scores.groupby(['model', 'regime'], sort=False):
+        if (a, r) not in thr.index: raise ValueError(f"thresholds has no row for model {a!r}, regime {r!r}")
+        m, grp, th = ARCHS[a]['name'] if a in ARCHS else a, REGIMES[r]['title'] if r in REGIMES else r, float(thr[(a, r)])
+        y, p = g['y'].to_numpy(), g['prob'].to_numpy(float)
+        t.loc[m, (grp, AT_THRESHOLD[0])] = f'{th:.{digits}f}'
+        for label, met in zip(AT_THRESHOLD[1:], ('sensitivity', 'specificity')):
+            t.loc[m, (grp, label)] = bootstrap_ci(y, p, met, n_boot, True, seed, threshold=th).fmt(digits)
+    groups = list(pd.unique(t.columns.get_level_values(0)))
+    order = [(g, c) for g in groups for c in ['AUC', 'Sensitivity (0.5)', 'Specificity (0.5)', *AT_THRESHOLD]]
+    return t[pd.MultiIndex.from_tuples(order, names=t.columns.names)].fillna('')
+
 def table2(scores: pd.DataFrame,  # `run_regimes` output: case_id, model, regime, prob, y
            reference: str = 'rsna_like',  # regime every network is DeLong-tested against
            n_boot: int = 500, seed: int = 0, digits: int = 3,
+           thresholds: pd.DataFrame | None = None,  # `model, regime, threshold` (e.g. `validation.csv` of `run_regimes`)
           ) -> pd.DataFrame:
-    "Paper Table 2 analogue: value (95% CI) per regime and network, DeLong p (SE) against the reference regime."
+    "Paper Table 2 analogue: value (95% CI) per regime and network at 0.5 (and at each validation threshold), DeLong p (SE) against the reference."
     if reference not in set(scores['regime']): raise ValueError(f"reference regime {reference!r} is not in scores (regimes: {sorted(set(scores['regime']))})")
     df = _display_names(scores[['case_id', 'model', 'regime', 'prob', 'y']])
-    return paper_table(df, reference=REGIMES.get(reference, {}).get('title', reference), n_boot=n_boot, seed=seed, digits=digits)
+    t = paper_table(df, reference=REGIMES.get(reference, {}).get('title', reference), n_boot=n_boot, seed=seed, digits=digits)
+    res = t.attrs['results']
+    t = t.rename(columns={'Sensitivity': 'Sensitivity (0.5)', 'Specificity': 'Specificity (0.5)'}, level=1)
+    if thresholds is not None: t = _threshold_columns(t, _ordered(scores), thresholds, n_boot, seed, digits)
+    t.attrs['results'] = res
+    return t
 
 # %% ../nbs/20_classifiers.ipynb #7c7bb3a1
 def roc_figure(scores: pd.DataFrame,  # `run_regimes` output
@@ -579,17 +805,26 @@ def example_slices(cohort, n: int = 4, size: int = 256, case_ids=None, seed: int
     return np.stack(xs), np.stack(ms), list(ids)
 
 # %% ../nbs/20_classifiers.ipynb #1769bfa2
-def saliency_figure(models: dict,  # {column title: model}, e.g. one network in the three regimes
+def _cam_grid(model, size: int) -> tuple:
+    "The CAM grid `(h, w)` of `model` on `size` px inputs."
+    m = _as_model(model); dev = next(m.parameters()).device
+    return tuple(_run(m, torch.zeros(1, m.in_chans, size, size), 1, dev, cam=True)[1].shape[-2:])
+
+def saliency_figure(models: dict,  # {column title: model}, e.g. the weak and strong twins of one network
                     x, mask,  # `(n, 4, H, W)` slices and `(n, H, W)` masks
                     channel: int = 1,  # background channel (1 = brain window)
+                    oracle: bool = True,  # add the oracle map (`oracle_maps`) on the first model's CAM grid
                     size: float = 1.9, fname=None,  # inches per panel; save as PNG
                    ):
-    "Rows of slices: image, true mask, then each model's min-max CAM of `any` with its slice probability."
+    "Rows of slices: image, true mask, (the oracle,) then each model's min-max CAM of `any` with its slice probability."
     import matplotlib.pyplot as plt
     x = np.asarray(x); mask = np.asarray(mask)
     img = x[:, channel] / (255. if x.dtype == np.uint8 else 1.)
     maps = {k: cam_maps(m, x, norm='minmax', with_probs=True) for k, m in models.items()}
-    n, cols = len(x), 2 + len(models)
+    if oracle:
+        g = _cam_grid(next(iter(models.values())), x.shape[-1])
+        maps = {f'oracle ({g[0]}x{g[1]} grid)': (oracle_maps(mask, g), None), **maps}
+    n, cols = len(x), 2 + len(maps)
     fig, axs = plt.subplots(n, cols, figsize=(size * cols, size * n), squeeze=False)
     for i in range(n):
         axs[i, 0].imshow(img[i], cmap='gray', vmin=0, vmax=1)
@@ -599,7 +834,8 @@ def saliency_figure(models: dict,  # {column title: model}, e.g. one network in 
             ax = axs[i, 2 + j]; ax.imshow(img[i], cmap='gray', vmin=0, vmax=1)
             ax.imshow(c[i], cmap='jet', alpha=0.4, vmin=0, vmax=1)
             if mask[i].any(): ax.contour(mask[i] > 0, levels=[0.5], colors='white', linewidths=0.7)
-            ax.set_title(f'{k}\np = {p[i]:.2f}' if i == 0 else f'p = {p[i]:.2f}', fontsize=7)
+            sub = '' if p is None else f'p = {p[i]:.2f}'
+            ax.set_title(f'{k}\n{sub}' if i == 0 else sub, fontsize=7)
         if i == 0: axs[i, 0].set_title('brain window', fontsize=7); axs[i, 1].set_title('true mask', fontsize=7)
         for a in axs[i]: a.set_xticks([]); a.set_yticks([])
     fig.tight_layout()
@@ -611,18 +847,19 @@ def localisation_table(models: dict,  # {name: model}
                        cohort, case_ids=None,  # default: every ICH case of the cohort
                        size: int = 256, thresh: float = 0.5, tol: int = 0, bs: int = 32, device=None,
                       ) -> pd.DataFrame:
-    "Per model: mean CAM-mask IoU, pointing-game hit rate and the number of lesion slices scored."
+    "Per model: mean CAM-mask IoU and pointing-game hit rate, the oracle's on the model's CAM grid, and the lesion slices scored."
     cases = cohort.cases
     ids = cases.loc[cases['any'] == 1, 'case_id'].astype(str).tolist() if case_ids is None else list(map(str, case_ids))
     rows = []
     for name, m in models.items():
-        tot = dict(iou=0., pointing=0., n=0)
+        g, tot = _cam_grid(m, size), np.zeros(5)  # IoU, pointing, oracle IoU, oracle pointing (sums over slices), slices
         for cid in ids:
             mk = np.asarray(cohort.case_mask(cid, size)); keep = (mk > 0).any((1, 2))
             if not keep.any(): continue
             r = localisation_score(cam_maps(m, np.asarray(cohort.case_images(cid, size))[keep], bs, device), mk[keep], thresh, tol)
-            tot = dict(iou=tot['iou'] + r['iou'] * r['n'], pointing=tot['pointing'] + r['pointing'] * r['n'], n=tot['n'] + r['n'])
-        n = max(tot['n'], 1)
-        rows.append(dict(model=name, iou=tot['iou'] / n if tot['n'] else float('nan'),
-                         pointing=tot['pointing'] / n if tot['n'] else float('nan'), n_slices=tot['n']))
+            o = localisation_score(oracle_maps(mk[keep], g), mk[keep], thresh, tol)
+            tot += np.array([r['iou'], r['pointing'], o['iou'], o['pointing'], 1.]) * r['n']
+        mean = tot[:4] / tot[4] if tot[4] else np.full(4, np.nan)
+        rows.append(dict(model=name, iou=mean[0], pointing=mean[1], oracle_iou=mean[2], oracle_pointing=mean[3],
+                         n_slices=int(tot[4]), grid=f'{g[0]}x{g[1]}'))
     return pd.DataFrame(rows).set_index('model')
