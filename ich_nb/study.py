@@ -15,10 +15,11 @@ from .explore import RUN_FORMAT  # the run-folder layout `load_run` reads
 # %% auto #0
 __all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO', 'STAGES', 'StudyConfig',
            'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html', 'cohort_path',
-           'stage_cohorts', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds', 'with_subset_n',
-           'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review', 'pack_models', 'load_model_package',
-           'write_report', 'stage_report', 'training_seed', 'seed_runs', 'model_columns', 'run_metrics',
-           'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds', 'run_study', 'main']
+           'stage_cohorts', 'cam_strides', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds',
+           'with_subset_n', 'operating_table', 'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review',
+           'pack_models', 'load_model_package', 'write_report', 'stage_report', 'training_seed', 'seed_runs',
+           'model_columns', 'run_metrics', 'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds',
+           'run_study', 'main']
 
 # %% ../nbs/50_study.ipynb #00db3105
 @dataclass
@@ -37,8 +38,9 @@ class StudyConfig:
     n_train_b: int = 80  # cases of the "AI-Hub" cohort (hospital B, masks available)
     n_external: int = 200  # cases of the external test cohort (hospital C): AUC standard error about 0.035 at prevalence 0.5
     networks: tuple = ('plain_cnn', 'mobilenet_v2')  # the demo: the light CAM network and one paper network; see PAPER_NETWORKS
-    clf_slices: int = 800  # balanced training slices per classifier (half with ICH)
-    clf_epochs: int = 3  # with `clf_slices` and `bs`: 150 optimiser steps per regime in the demo
+    clf_slices: int = 600  # balanced training slices per classifier (half with ICH)
+    clf_epochs: int = 4  # with `clf_slices` and `bs`: 152 optimiser steps per regime in the demo
+    clf_cam_stride: str = 'mobilenet_v2:16'  # CAM stride per network ('arch:stride,...'; others: their own): an 8x8 map at 128 px
     unet_epochs: int = 6
     weight_epochs: int = 2
     bs: int = 16
@@ -60,7 +62,7 @@ PAPER_NETWORKS = ('densenet121', 'inception_resnet_v2', 'mobilenet_v2', 'vgg19')
 PRESETS = {
     'demo': dict(),
     'paper': dict(out='runs/paper', size=512, n_train_a=1000, n_train_b=1000, n_external=986, clf_slices=13000,
-                  networks=PAPER_NETWORKS, clf_epochs=20, unet_epochs=40, unet_slices=13000, unet_base=16,
+                  networks=PAPER_NETWORKS, clf_epochs=20, clf_cam_stride='', unet_epochs=40, unet_slices=13000, unet_base=16,
                   weight_epochs=10, bs=32, lr_clf=1e-3, lr_unet=1e-4, unet_one_cycle=False, unet_bce=0., lr_weight=3e-3,
                   saliency_net='mobilenet_v2'),
 }
@@ -200,21 +202,32 @@ def stage_cohorts(cfg: StudyConfig) -> dict:
     return info
 
 # %% ../nbs/50_study.ipynb #85df8081
+def cam_strides(spec: str) -> dict:
+    "`{arch: stride}` from 'arch:stride,...' (the `clf_cam_stride` field); empty: every network's own stride."
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(','))):
+        arch, _, st = part.partition(':')
+        if not st.isdigit(): raise ValueError(f'clf_cam_stride: {part!r} is not arch:stride (e.g. mobilenet_v2:16)')
+        out[arch] = int(st)
+    return out
+
+# %% ../nbs/50_study.ipynb #f4d33cf8
 def stage_classifiers(cfg: StudyConfig) -> dict:
-    "Train the classifiers in the three regimes (resumable) and score the external cohort."
+    "Train the classifiers in the three regimes (resumable), check them on internal validation cases, and score the external cohort."
     from ich_nb.data import load_cohort
     from ich_nb.classifiers import run_regimes
     src = dict(rsna_like=load_cohort(cohort_path(cfg, 'A')), aihub=load_cohort(cohort_path(cfg, 'B')))
     scores = run_regimes(src, load_cohort(cohort_path(cfg, 'external')), archs=list(cfg.networks),
                          path=Path(cfg.out) / 'classifiers', size=cfg.size, n_per_class=cfg.clf_slices // 2,
-                         epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, seed=training_seed(cfg), device=cfg.device)
+                         epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, cam_stride=cam_strides(cfg.clf_cam_stride) or None,
+                         seed=training_seed(cfg), device=cfg.device)
     return dict(models=int(scores.groupby(['model', 'regime']).ngroups), cases=int(scores['case_id'].nunique()))
 
 # %% ../nbs/50_study.ipynb #4a13b99c
 def stage_ensemble(cfg: StudyConfig) -> dict:
     "Train the five base models and the weight models (resumable), then score the external cohort."
     from ich_nb.data import load_cohort
-    from ich_nb.unet import train_base_model, BASE_MODELS
+    from ich_nb.unet import train_base_model, BASE_MODELS, common_split
     from ich_nb.ensemble import train_weight_model, evaluate_combinations, COMBINATIONS, prob_map_cache
     B, ext = load_cohort(cohort_path(cfg, 'B')), load_cohort(cohort_path(cfg, 'external'))
     path = Path(cfg.out) / 'ensemble'
@@ -226,6 +239,10 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     cache = prob_map_cache(base, B, cfg.size, cfg.unet_slices // 2, seed=training_seed(cfg), device=cfg.device)
     weights = {c: train_weight_model(c, base, B, path, size=cfg.size, cache=cache, epochs=cfg.weight_epochs,
                                      bs=cfg.bs, lr=cfg.lr_weight, seed=training_seed(cfg), device=cfg.device).model for c in COMBINATIONS}
+    if not (path / 'validation.csv').exists():  # the internal validation cases of B (never seen in training): thresholds
+        va = common_split(B, 0.2, training_seed(cfg))[1]
+        val = evaluate_combinations(base, weights, B, size=cfg.size, case_ids=va, include_base=True, device=cfg.device)
+        atomic_save(path / 'validation.csv', lambda f: val.to_csv(f, index=False))
     preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device)
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
     return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()))
@@ -273,6 +290,28 @@ def with_subset_n(t: pd.DataFrame,  # a `paper_table` (columns: subset, metric)
     out = t.copy(); out.columns = pd.MultiIndex.from_tuples([(head(a), b) for a, b in t.columns])
     out.attrs = dict(t.attrs); return out
 
+# %% ../nbs/50_study.ipynb #6336f56f
+def operating_table(out) -> pd.DataFrame:
+    "Per model: the validation threshold, sensitivity/specificity on the external cohort at 0.5 and at that threshold, normals' median probability."
+    from ich_nb.classifiers import youden_threshold
+    from ich_nb.stats import sens_spec
+    out, rows = Path(out), {}
+    clf = pd.read_csv(out / 'classifiers' / 'scores.csv', dtype={'case_id': str})
+    cval = pd.read_csv(out / 'classifiers' / 'validation.csv').set_index(['model', 'regime'])['threshold']
+    ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
+    ev = pd.read_csv(out / 'ensemble' / 'validation.csv', dtype={'case_id': str})
+    runs = [(f'{_net_name(m)} | {r}', g, cval.get((m, r), np.nan)) for (m, r), g in clf.groupby(['model', 'regime'], sort=False)]
+    for m, g in ens.groupby('model', sort=False):
+        v = ev[ev['model'] == m]
+        runs.append((m, g, youden_threshold(v['y'], v['prob']) if v['y'].nunique() == 2 else np.nan))
+    for name, g, t in runs:
+        s5, p5 = sens_spec(g['y'], g['prob'], 0.5)
+        st, pt = sens_spec(g['y'], g['prob'], t) if np.isfinite(t) else (np.nan, np.nan)
+        rows[name] = {'validation threshold': t, 'sensitivity (0.5)': s5, 'specificity (0.5)': p5,
+                      'sensitivity (validation threshold)': st, 'specificity (validation threshold)': pt,
+                      'normals: median probability': g.loc[g['y'] == 0, 'prob'].median(), 'n': len(g)}
+    return pd.DataFrame(rows).T.rename_axis('model')
+
 # %% ../nbs/50_study.ipynb #ad041ee5
 def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
     "Tables 2-4 (CSV + Markdown), the strata table and Figure 4 of a run; returns the per-case predictions."
@@ -287,7 +326,9 @@ def evaluate_tables(cfg: StudyConfig, ext) -> pd.DataFrame:
     kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
     clf = pd.read_csv(out / 'classifiers' / 'scores.csv', dtype={'case_id': str})
     y_all = pred.set_index('case_id')['y']
-    save_table(with_subset_n(table2(clf, **kw), {}, y_all), tdir / 'table2'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
+    cval = pd.read_csv(out / 'classifiers' / 'validation.csv')
+    save_table(with_subset_n(table2(clf, thresholds=cval, **kw), {}, y_all), tdir / 'table2')
+    save_table(operating_table(out).round(3), tdir / 'operating_points'); plt.close(roc_figure(clf, fname=fdir / 'table2_roc.png'))
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     subsets = table3_subsets(ext.cases, ens['case_id'].unique())
     save_table(with_subset_n(combination_table(ens[ens['model'].str.startswith('Ensemble')], ext.cases, **kw), subsets, y_all), tdir / 'table3')
@@ -303,7 +344,7 @@ def evaluate_masks(cfg: StudyConfig, ext) -> dict:
     "What needs the external cohort's masks: lesion volumes (figure, agreement) and the classifiers' saliency and localisation."
     import matplotlib.pyplot as plt
     from ich_nb.stats import save_table
-    from ich_nb.classifiers import load_regime_models, example_slices, saliency_figure, localisation_table, REGIMES
+    from ich_nb.classifiers import load_regime_models, example_slices, saliency_figure, localisation_table, plot_training_logs, REGIMES
     from ich_nb.ensemble import plot_volumes, volume_agreement
     out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
@@ -314,7 +355,9 @@ def evaluate_masks(cfg: StudyConfig, ext) -> dict:
     net = cfg.saliency_net if cfg.saliency_net in cfg.networks else cfg.networks[0]
     models = {REGIMES[r]['title']: m for r, m in load_regime_models(out / 'classifiers', net).items()}
     x, m, _ = example_slices(ext, n=4, size=cfg.size, seed=cfg.seed)
-    plt.close(saliency_figure(models, x, m, fname=fdir / 'saliency.png'))
+    twins = {REGIMES[r]['title']: load_regime_models(out / 'classifiers', net, (r,))[r] for r in ('aihub_weak', 'aihub_strong')}
+    plt.close(saliency_figure(twins, x, m, fname=fdir / 'saliency.png'))  # the weak and strong twins on the same slices, with the oracle
+    plt.close(plot_training_logs(out / 'classifiers', [f'{net}_aihub_weak', f'{net}_aihub_strong'], fname=fdir / 'saliency_loss.png'))
     save_table(localisation_table(models, ext, size=cfg.size).round(3), tdir / 'localisation')
     return dict(volume_agreement={k: float(v) for k, v in vol.items()}, saliency_net=net)
 
@@ -385,7 +428,8 @@ def _localisation_section(out: Path) -> str:
     if not (out / 'tables' / 'localisation.md').exists():
         return 'Localisation and saliency need masks of the external cohort; this one has none.\n'
     return (f"Localisation of the class activation maps on the external ICH slices:\n\n{_md_file(out / 'tables' / 'localisation.md')}"
-            "\n\n![Saliency: weak vs strong CAMs beside the true mask](figures/saliency.png)\n")
+            "\n\n![Saliency: weak vs strong CAMs beside the true mask and the oracle](figures/saliency.png)\n"
+            "\n![Training loss of the weak and strong twins; the saliency (segmentation) loss of the strong one](figures/saliency_loss.png)\n")
 
 def _strata_section(t: Path) -> str:
     "Which Table 3 strata the external cohort supports, and why not where it does not."
@@ -399,6 +443,16 @@ def _volume_section(out: Path) -> str:
     "Predicted vs true lesion volumes (only when the external cohort has masks)."
     if not (out / 'figures' / 'volumes.png').exists(): return ''
     return '## Lesion volume (combined mask vs truth)\n\n![Volumes](figures/volumes.png)\n\n'
+
+def _validation_section(out: Path) -> str:
+    "The classifiers on their internal validation slices: slice AUC beside the level-only baseline."
+    f = out / 'classifiers' / 'validation.csv'
+    if not f.exists(): return ''
+    from ich_nb.stats import to_markdown
+    v = pd.read_csv(f)
+    cols = [c for c in ('model', 'regime', 'n_steps', 'slice_auc', 'level_only_auc', 'case_auc', 'threshold') if c in v]
+    return ("Internal validation (held-out cases of the training cohort; negatives drawn at the levels of the positives, "
+            "so a model that only knows the slice's level scores 0.5: `level_only_auc`):\n\n" + to_markdown(v[cols].round(3), index=False) + '\n')
 
 def _seeds_section(cfg: StudyConfig, t: Path) -> str:
     "The report's section across training seeds (empty for a single-seed run)."
@@ -427,6 +481,7 @@ numbers show the pipeline, not clinical performance.
 
 ![ROC per network and regime](figures/table2_roc.png)
 
+{_validation_section(out)}
 {_localisation_section(out)}
 ## Table 3: ensemble combinations
 
@@ -439,6 +494,13 @@ numbers show the pipeline, not clinical performance.
 {_md_file(t / 'table4.md')}
 
 ![Figure 4](figures/figure4_roc.png)
+
+## Operating points
+
+Sensitivity and specificity on the external cohort at the paper's threshold 0.5 and at each model's threshold
+chosen on internal validation cases (Youden's J; never on the external cohort):
+
+{_md_file(t / 'operating_points.md')}
 
 {_seeds_section(cfg, t)}{_volume_section(out)}
 ## Difficult-case review (SIMULATED readers)
