@@ -17,6 +17,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner, Metric
 from fastprogress.fastprogress import progress_bar
 from .core import LABEL_COLS, atomic_save, seed_everything
+from .core import progress as track
 from .data import split_cases, balanced_slices, slice_dls, case_slices
 from .stats import paper_table, plot_roc, auc_score, sens_spec, bootstrap_ci, CI
 from .train import *
@@ -513,7 +514,7 @@ def case_scores(model,  # `CAMClassifier` or `Learner`
     unknown = [c for c in ids if c not in cases.index]
     if unknown: raise ValueError(f"case_ids not in the cohort: {unknown[:3]}")
     rows, model = [], fold_bn(model)
-    for cid in (progress_bar(ids, leave=False) if progress and len(ids) > 1 else ids):
+    for cid in (track(ids, desc='scoring cases') if progress and len(ids) > 1 else ids):  # a bar on a terminal, plain lines in a log
         x = cohort.case_images(cid, size)
         if score == 'max_prob': v = predict_slices(model, x, bs, device).max()
         else: v = torch.sigmoid(_run(model, x, bs, device, cam=True)[1]).max()

@@ -362,9 +362,9 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
     b, w = prepare_ensemble(bm, weight_models, device=device)  # copies: the caller's models stay where they are
     cases = cohort.cases.set_index('case_id')
     ids = list(cohort.case_ids if case_ids is None else case_ids)
-    from fastprogress.fastprogress import progress_bar
+    from ich_nb.core import progress as track
     rows, fp_maps = [], {m: {} for m in fp_models}
-    for cid in (progress_bar(ids, leave=False) if progress else ids):
+    for cid in (track(ids, desc=f'ensemble: scoring {len(ids)} cases') if progress else ids):  # a bar on a terminal, plain lines in a log
         x, _, mask = case_arrays(cohort, cid, size)
         probs, comb = ensemble_maps(b, w, x, bs, crop, amp)
         sp = case_spacing(cohort, cid, size)

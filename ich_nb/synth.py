@@ -1624,8 +1624,8 @@ def make_cohort(n_cases: int,              # number of cases
     pending = [i for i, c in enumerate(ids) if not (out_dir / 'masks' / f'{c}.npz').exists()]
     it = _run_cases(out_dir, pending, (seed, prefix, size, sc, prevalence, mix, kwargs), n_workers)
     if progress and pending:
-        from fastprogress.fastprogress import progress_bar
-        it = progress_bar(it, total=len(pending)); it.comment = f'cohort {out_dir.name}'  # console bars take no comment=
+        from ich_nb.core import progress as track
+        it = track(it, desc=f'cohort {out_dir.name}', total=len(pending))  # a bar on a terminal, plain lines in a log
     for _ in it: pass
     cases = pd.DataFrame([json.loads(str(_read_npz(out_dir / 'masks' / f'{c}.npz', 'record'))) for c in ids])
     with atomic_write(out_dir / 'cases.csv') as f: cases.to_csv(f, index=False)
