@@ -287,7 +287,7 @@ def with_subset_n(t: pd.DataFrame,  # a `paper_table` (columns: subset, metric)
     def head(name):
         yy = y.loc[list(subsets[name])] if name in subsets else y
         return f'{name} (n={len(yy)}: {int(yy.sum())} ICH, {int(len(yy) - yy.sum())} normal)'
-    out = t.copy(); out.columns = pd.MultiIndex.from_tuples([(head(a), b) for a, b in t.columns])
+    out = t.copy(); out.columns = pd.MultiIndex.from_tuples([(head(a), b) for a, b in t.columns], names=t.columns.names)
     out.attrs = dict(t.attrs); return out
 
 # %% ../nbs/50_study.ipynb #6336f56f

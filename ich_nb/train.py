@@ -257,7 +257,10 @@ class PhaseTimer(Callback):
 
 # %% ../nbs/15_train.ipynb #7f3a9c46
 def _leave_group():
-    if dist.is_initialized(): dist.destroy_process_group()
+    "Leave the process group at exit, after every process got there (one that tears down early makes gloo abort its peers)."
+    if not dist.is_initialized(): return
+    with contextlib.suppress(Exception): dist.barrier()
+    dist.destroy_process_group()
 
 def init_distributed() -> bool:
     "Join the process group of a `torchrun` / `accelerate launch` job once (nccl on CUDA, gloo on CPU); False in a single process."
