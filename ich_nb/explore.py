@@ -222,7 +222,7 @@ def seed_runs(self: Run) -> dict:
 def weight_maps(weight_model,  # a (prepared) `WeightNet`
                 probs,  # `(S, k, H, W)` maps of its base models, in its order (from `ensemble_maps`)
                 x,  # `(S, 4, H, W)` slices the maps were computed on
-                multiple: int,  # the head box's multiple (`2**depth`, largest over the nets `ensemble_maps` ran)
+                multiple: int,  # the head box's multiple (`ensemble.ENSEMBLE_MULTIPLE`, as `ensemble_maps` cut it)
                 bs: int = 8):
     "Per-pixel weights `(S, k, H, W)` the weight model gives the base models, on the head box `ensemble_maps` uses."
     import torch
@@ -273,14 +273,13 @@ def _ensemble(self: Run) -> tuple:
 @patch
 def _case_run(self: Run, case_id: str) -> dict:
     "Slices, every base model's map and every combination's combined map of one case (the last case is kept)."
-    from ich_nb.ensemble import ensemble_maps
-    from ich_nb.unet import net_config
+    from ich_nb.ensemble import ensemble_maps, ENSEMBLE_MULTIPLE
     if self._memo.get('case', {}).get('case_id') != case_id:
         b, w = self._ensemble()
         x = np.array(self.cohort().case_images(case_id, int(self.config['size'])))  # a copy: torch wants writable arrays
         probs, comb = ensemble_maps(b, w, x)
         self._memo['case'] = dict(case_id=case_id, x=x, probs=probs, comb=comb, ids=sorted(b),
-                                  multiple=max(2 ** net_config(n)['depth'] for n in [*b.values(), *w.values()]))
+                                  multiple=ENSEMBLE_MULTIPLE)  # the head box ensemble_maps cut, whichever networks
     return self._memo['case']
 
 # %% ../nbs/55_explore.ipynb #88f05c1a
