@@ -582,7 +582,7 @@ def page_html(page: Page,  # the rendered notebook
             f'<title>{e(page.title)} – {e(site_title)}</title><link rel="stylesheet" href="site.css">'
             f'<script src="search-index.js" defer></script><script src="search.js" defer></script></head>\n<body>'
             f'<header class="navbar"><a class="brand" href="index.html">{e(site_title)}</a><div class="search">'
-            f'<input id="search" type="search" placeholder="Search" aria-label="Search" autocomplete="off">'
+            f'<label for="search">Search </label><input id="search" type="search" autocomplete="off">'
             f'<div id="search-results"></div></div></header>\n<div class="layout"><nav class="sidebar">{side}</nav>\n'
             f'<main>{page.body}\n<nav class="page-nav">{prev}{nxt}</nav></main>\n'
             f'<aside class="toc">' + (f'<h2>On this page</h2>{toc}' if toc else '') + '</aside></div></body></html>\n')
