@@ -417,14 +417,15 @@ def _batches(x, bs: int, device):
         b = b.float() / 255 if b.dtype == torch.uint8 else b.float()
         yield b.contiguous(memory_format=torch.channels_last)  # 1.4-1.6x faster on the CPU too (`90_bench_classifiers`)
 
-def _run(model, x, bs: int, device, cam: bool):
-    "Probabilities of `any` `(S,)` and, if `cam`, the CAM logits of `any` `(S, h, w)` (calibration offset included)."
+def _run(model, x, bs: int, device, cam: bool, amp: bool = False):
+    "Probabilities of `any` `(S,)` and, if `cam`, the CAM logits of `any` `(S, h, w)` (calibration offset included); `amp`: bf16 on a CPU."
     model = _as_model(model); device = torch.device(device) if device is not None else next(model.parameters()).device
     was, rc = model.training, model.return_cam
     model.eval(); model.return_cam = True; model.to(device, memory_format=torch.channels_last)
     ps, cs = [], []
     try:
-        with torch.inference_mode(), torch.autocast(device.type, enabled=device.type == 'cuda'):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16 if device.type == 'cuda' else torch.bfloat16,
+                                                    enabled=device.type == 'cuda' or amp):
             for b in _batches(x, bs, device):
                 z, c = model(b)
                 ps.append(torch.sigmoid(z[:, 0].float()).cpu())
@@ -437,9 +438,10 @@ def _run(model, x, bs: int, device, cam: bool):
 def predict_slices(model,  # `CAMClassifier` or a `Learner` around one
                    x,  # `(S, 4, H, W)` uint8 0..255 or float in [0, 1]
                    bs: int = 32, device=None,  # default: the model's device
+                   amp: bool = False,  # bf16 autocast on a CPU (CUDA: always fp16)
                   ) -> np.ndarray:
     "Probability of `any` per slice, `(S,)` float32."
-    return _run(model, x, bs, device, cam=False)
+    return _run(model, x, bs, device, cam=False, amp=amp)
 
 # %% ../nbs/20_classifiers.ipynb #845fad02
 def cam_maps(model, x, bs: int = 32, device=None,
@@ -506,6 +508,7 @@ def case_scores(model,  # `CAMClassifier` or `Learner`
                 size: int = 256,  # image size the model was trained at
                 bs: int = 32, device=None, progress: bool = True,
                 score: str = 'max_prob',  # 'max_prob': max slice probability (paper); 'max_cam': max of the sigmoid CAM (strong models)
+                amp: bool = False,  # bf16 autocast on a CPU
                ) -> pd.DataFrame:
     "One row per case: `case_id`, `y` (case `any`), `prob` (the case score), `n_slices`, `score` (its name)."
     if score not in CASE_SCORES: raise ValueError(f"score must be one of {CASE_SCORES}, got {score!r}")
@@ -516,8 +519,8 @@ def case_scores(model,  # `CAMClassifier` or `Learner`
     rows, model = [], fold_bn(model)
     for cid in (track(ids, desc='scoring cases') if progress and len(ids) > 1 else ids):  # a bar on a terminal, plain lines in a log
         x = cohort.case_images(cid, size)
-        if score == 'max_prob': v = predict_slices(model, x, bs, device).max()
-        else: v = torch.sigmoid(_run(model, x, bs, device, cam=True)[1]).max()
+        if score == 'max_prob': v = predict_slices(model, x, bs, device, amp).max()
+        else: v = torch.sigmoid(_run(model, x, bs, device, cam=True, amp=amp)[1]).max()
         rows.append(dict(case_id=cid, y=int(cases.loc[cid, 'any']), prob=float(v), n_slices=len(x), score=score))
     return pd.DataFrame(rows, columns=['case_id', 'y', 'prob', 'n_slices', 'score'])
 
@@ -637,13 +640,14 @@ def validation_summary(model,  # `CAMClassifier` or `Learner`
                        slices: dict,  # `regime_slices` output the model was trained on
                        size: int = 256, bs: int = 32, device=None, progress: bool = False,
                        score: str = 'max_prob',  # case score, see `case_scores`
+                       amp: bool = False,  # bf16 autocast on a CPU
                       ) -> dict:
     "Slice AUC and level-only AUC on the validation slices; case AUC, Youden threshold and operating points on the validation cases."
     v = slices['valid']
     x = np.stack([cohort.case_images(c, size)[k] for c, k in zip(v['case_id'], v['slice_index'])])
-    cs = case_scores(model, cohort, slices['valid_ids'], size, bs, device, progress, score)
+    cs = case_scores(model, cohort, slices['valid_ids'], size, bs, device, progress, score, amp)
     thr = youden_threshold(cs['y'], cs['prob']); op = operating_points(cs['y'], cs['prob'], thr)
-    return dict(n_valid_slices=len(v), slice_auc=auc_score(v['any'].to_numpy(), predict_slices(model, x, bs, device)),
+    return dict(n_valid_slices=len(v), slice_auc=auc_score(v['any'].to_numpy(), predict_slices(model, x, bs, device, amp)),
                 level_only_auc=level_only_auc(cohort, slices['train'], v), n_valid_cases=len(cs), case_auc=auc_score(cs['y'], cs['prob']),
                 threshold=thr, sens_05=op.loc['at 0.5', 'sensitivity'], spec_05=op.loc['at 0.5', 'specificity'],
                 sens_thr=op.loc['at validation threshold', 'sensitivity'], spec_thr=op.loc['at validation threshold', 'specificity'], score=score)
@@ -705,9 +709,9 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
                                      channels_last=channels_last, amp=amp, show_progress=show_progress)
             if is_main():
                 t1, c1 = time.perf_counter(), time.process_time()
-                val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score)
+                val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score, amp=amp == 'bf16')
                 t2, c2 = time.perf_counter(), time.process_time()
-                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score)
+                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score, amp=amp == 'bf16')
                 row = dict(model=a, regime=r, n_train_slices=len(sl['train']), n_steps=len(dls.train) * epochs, **val,
                            train_s=round(t1 - t0, 1), valid_s=round(t2 - t1, 1), score_s=round(time.perf_counter() - t2, 1),
                            train_cpu_s=round(c1 - c0, 1), valid_cpu_s=round(c2 - c1, 1), score_cpu_s=round(time.process_time() - c2, 1))

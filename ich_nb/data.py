@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_data.ipynb #c3efd075
 from __future__ import annotations
-import os, json, re, math, random, warnings
+import os, json, re, math, random, shutil, warnings
 from collections import OrderedDict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -14,7 +14,7 @@ from fastcore.parallel import parallel
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from .core import *
-from .io import CTSeries, CTReadError, read_series, read_nifti, dicom_header, slice_position, read_dicom_files
+from .io import CTSeries, CTReadError, read_series, read_nifti, dicom_header, slice_position, read_dicom_files, write_series
 from .windowing import four_channel, WINDOWS, CHANNELS
 
 # %% auto #0
@@ -22,10 +22,10 @@ __all__ = ['COHORT_FILES', 'CASE_COLS', 'SLICE_COLS', 'CACHE_VERSION', 'SPECIAL_
            'CQ500_READERS', 'PHYSIONET_COLS', 'Cohort', 'load_cohort', 'resize_slices', 'preprocess_hu', 'resize_mask',
            'check_cache_dir', 'cache_file', 'write_cache', 'precompute', 'case_arrays', 'split_cases',
            'balanced_slices', 'specialised_cases', 'case_slices', 'cohort_strata', 'SliceDataset', 'random_affines',
-           'affine_grid', 'affine_warp', 'SliceBatch', 'collate_slices', 'slice_dls', 'show_slice_batch', 'CTSource',
-           'is_contrast', 'dicom_facts', 'read_rsna_labels', 'rsna_index', 'RSNA2019', 'read_cq500_reads',
-           'cq500_majority', 'cq500_reader_matrix', 'rank_series', 'choose_series', 'cq500_scan_folders', 'CQ500',
-           'reader_matrix', 'read_physionet_labels', 'PhysioNetICH']
+           'affine_grid', 'affine_warp', 'SliceBatch', 'collate_slices', 'slice_dls', 'show_slice_batch', 'slab_groups',
+           'slab_average', 'slab_mask', 'reformat_cohort', 'CTSource', 'is_contrast', 'dicom_facts', 'read_rsna_labels',
+           'rsna_index', 'RSNA2019', 'read_cq500_reads', 'cq500_majority', 'cq500_reader_matrix', 'rank_series',
+           'choose_series', 'cq500_scan_folders', 'CQ500', 'reader_matrix', 'read_physionet_labels', 'PhysioNetICH']
 
 # %% ../nbs/10_data.ipynb #ff439819
 COHORT_FILES = ('cohort.json', 'cases.csv', 'slices.csv')
@@ -486,6 +486,97 @@ def show_slice_batch(b, max_n: int = 4, figsize_per: float = 1.6):
         for a in axs[i]: a.set_xticks([]); a.set_yticks([])
     plt.tight_layout()
     return fig
+
+# %% ../nbs/10_data.ipynb #106384a2
+def slab_groups(n: int,  # slices in the series
+                dz: float,  # their spacing (mm)
+                slab_mm: float,  # wanted slab thickness (mm); 0 (or at most dz): one slice per slab
+               ) -> list:
+    "`[(start, stop), ...]` of consecutive slabs of `k = round(slab_mm / dz)` slices; a remainder of at most k/2 slices joins the last slab."
+    if n < 1: raise ValueError(f'slab_groups: a series needs at least one slice, got {n}')
+    if not dz > 0: raise ValueError(f'slab_groups: slice spacing must be positive, got {dz}')
+    k = max(1, round(slab_mm / dz)) if slab_mm > 0 else 1
+    g = [(i, min(i + k, n)) for i in range(0, n, k)]
+    if len(g) > 1 and g[-1][1] - g[-1][0] <= k / 2: g[-2:] = [(g[-2][0], n)]
+    return g
+
+# %% ../nbs/10_data.ipynb #c2e4c8b3
+def slab_average(hu: np.ndarray,  # `(S, H, W)` HU, inferior to superior
+                 groups: list,  # from `slab_groups`
+                ) -> np.ndarray:
+    "Mean HU over the slices of each slab: `(len(groups), H, W)` float32."
+    return np.stack([np.asarray(hu[s:e], np.float32).mean(0) for s, e in groups])
+
+# %% ../nbs/10_data.ipynb #60a2bb9a
+def slab_mask(mask: np.ndarray,  # `(S, H, W)` integer label map (0 background, `SUBTYPE_CODE` values)
+              groups: list,  # from `slab_groups`
+             ) -> np.ndarray:
+    "Label map of each slab: where lesion fills at least half of the slab, its most frequent label there; else 0."
+    out = []
+    for s, e in groups:
+        m = np.asarray(mask[s:e]); top = int(m.max())
+        if top == 0: out.append(np.zeros(m.shape[1:], np.uint8)); continue
+        codes = np.arange(1, top + 1)
+        cnt = (m[None] == codes[:, None, None, None]).sum(1)  # (codes, H, W): slices of each label per voxel
+        out.append(np.where(2 * cnt.sum(0) >= e - s, codes[cnt.argmax(0)], 0).astype(np.uint8))
+    return np.stack(out)
+
+# %% ../nbs/10_data.ipynb #65ae1d76
+def _slab_labels(src: Cohort, case_id: str, groups: list, mask: np.ndarray | None) -> pd.DataFrame:
+    "Slice rows of a reformatted case: labels from the slab mask when there is one (else any label of its slices); other numbers averaged."
+    sl = src.case_labels(case_id).reset_index(drop=True)
+    rows = []
+    for j, (s, e) in enumerate(groups):
+        part = sl.iloc[s:e]
+        r = {c: part[c].mean() for c in sl.columns if c not in SLICE_COLS and pd.api.types.is_numeric_dtype(sl[c])}
+        if mask is not None:
+            present = set(np.unique(mask[j]).tolist()) - {0}
+            lab = {t: int(SUBTYPE_CODE[t] in present) for t in ICH_SUBTYPES}
+            lab['any'] = int(bool(present))
+        else: lab = {c: int(part[c].max()) for c in LABEL_COLS}
+        rows.append(dict(image_id=f'{case_id}_{j:03d}', case_id=case_id, slice_index=j, **{c: lab[c] for c in LABEL_COLS}, **r))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/10_data.ipynb #3dce99b3
+def _reformat_case(case_id: str, src: Cohort = None, dest: Path = None, slab_mm: float = 5.) -> tuple:
+    "Write one case's slabs (DICOM folder renamed into place when complete, mask) into `dest`; return its slice rows and case fields."
+    ct = src.case_series(case_id); dz, dy, dx = ct.spacing
+    groups = slab_groups(len(ct.hu), dz, slab_mm)
+    dz_slab = dz * len(ct.hu) / len(groups)  # the mean slab spacing: the series keeps its extent
+    mask = slab_mask(src.raw_mask(case_id), groups) if src.has_masks else None
+    if mask is not None and not (dest / 'masks' / f'{case_id}.npz').is_file():
+        with atomic_write(dest / 'masks' / f'{case_id}.npz', 'wb') as f: np.savez_compressed(f, mask=mask)
+    d = dest / 'dicom' / case_id
+    if not d.is_dir():  # written under a temporary name, renamed when complete: a crash never leaves half a series
+        tmp = dest / 'dicom' / f'.{case_id}.partial'
+        if tmp.exists(): shutil.rmtree(tmp)
+        write_series(slab_average(ct.hu, groups), (dz_slab, dy, dx), tmp, case_id=case_id, uid_seed=f'slab{slab_mm:g}',
+                     description=f'{slab_mm:g} mm slab reformat of {len(ct.hu)} slices of {dz:g} mm')
+        tmp.rename(d)
+    return _slab_labels(src, case_id, groups, mask), dict(case_id=case_id, n_slices=len(groups), spacing_z=dz_slab,
+                                                          source_slices=len(ct.hu), source_spacing_z=dz)
+
+# %% ../nbs/10_data.ipynb #caf8346a
+def reformat_cohort(src,  # cohort folder (or `Cohort`) with the thin series
+                    dest,  # new cohort folder (created; resumed if a run stopped part-way)
+                    slab_mm: float = 5.,  # slab thickness (mm): a series as thick already is copied as it is
+                    n_workers: int = 0,  # worker processes (0: this process)
+                    progress: bool = True) -> Path:
+    "Write a copy of a cohort in which every series is averaged into slabs of about `slab_mm` (see above); return `dest`."
+    src = src if isinstance(src, Cohort) else load_cohort(src)
+    dest = Path(dest); (dest / 'dicom').mkdir(parents=True, exist_ok=True)
+    if src.has_masks: (dest / 'masks').mkdir(exist_ok=True)
+    res = parallel(_reformat_case, src.case_ids, src=src, dest=dest, slab_mm=slab_mm, n_workers=n_workers,
+                   progress=progress and len(src) > 1)
+    slices = pd.concat([r[0] for r in res], ignore_index=True)
+    upd = pd.DataFrame([r[1] for r in res]).set_index('case_id')
+    cases = src.cases.set_index('case_id')
+    for c in upd.columns: cases[c] = upd[c]
+    with atomic_write(dest / 'slices.csv') as f: slices.to_csv(f, index=False)
+    with atomic_write(dest / 'cases.csv') as f: cases.reset_index().to_csv(f, index=False)
+    with atomic_write(dest / 'cohort.json') as f:  # written last: a folder with it is complete
+        json.dump({**src.meta, 'reformat': dict(source=str(src.path), slab_mm=slab_mm)}, f, indent=1)
+    return dest
 
 # %% ../nbs/10_data.ipynb #e6b9d743
 class CTSource:

@@ -140,9 +140,11 @@ COHORT_KEYS = dict(A='cohort_a', B='cohort_b', external='external')  # config ke
 
 @patch
 def cohort_path(self: Run, name: str = 'external') -> Path:
-    "Folder of cohort `name`: the one `config.json` names (found as described above), else `cohorts/<name>`."
+    "Folder of cohort `name`: the run's slab reformat of it, the one `config.json` names (found as described above), else `cohorts/<name>`."
     if name not in COHORTS: raise ValueError(f'cohort must be one of {COHORTS}, got {name!r}')
     given, tries = self.config.get(COHORT_KEYS[name]), []
+    mm = self.config.get('external_slab_mm') if name == 'external' else None
+    if mm: tries.append(self.path / 'cohorts' / f'{name}_slab{mm:g}mm')  # what the run scored (see `50_study`)
     if isinstance(given, str) and given not in ('', 'synthetic'):
         g = Path(given); tries += [g] if g.is_absolute() else [self.path / g, Path.cwd() / g]
         if g.parent.name == 'cohorts': tries += [a / 'cohorts' / g.name for a in list(self.path.absolute().parents)[:3]]

@@ -13,13 +13,14 @@ from .explore import RUN_FORMAT  # the run-folder layout `load_run` reads
 
 
 # %% auto #0
-__all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'COHORTS', 'TABLE4_REGIME', 'FINAL_COMBO', 'STAGES', 'StudyConfig',
-           'make_config', 'package_versions', 'machine_info', 'StageRunner', 'md_to_html', 'cohort_path',
-           'stage_cohorts', 'cam_strides', 'stage_classifiers', 'stage_ensemble', 'case_predictions', 'table4_preds',
-           'with_subset_n', 'operating_table', 'evaluate_tables', 'evaluate_masks', 'stage_evaluate', 'stage_review',
-           'pack_models', 'load_model_package', 'write_report', 'stage_report', 'training_seed', 'seed_runs',
-           'model_columns', 'run_metrics', 'paper_comparisons', 'run_comparisons', 'robustness_tables', 'stage_seeds',
-           'run_study', 'main']
+__all__ = ['PAPER_NETWORKS', 'PRESETS', 'RUN_ONLY_FIELDS', 'LEGACY_FIELDS', 'COHORTS', 'COMPONENT_GRID', 'TABLE4_REGIME',
+           'FINAL_COMBO', 'STAGES', 'StudyConfig', 'make_config', 'cpu_bf16', 'study_amp', 'package_versions',
+           'machine_info', 'StageRunner', 'md_to_html', 'source_path', 'cohort_path', 'stage_cohorts', 'cam_strides',
+           'stage_classifiers', 'choose_min_component', 'rule_rows', 'stage_ensemble', 'case_predictions',
+           'table4_preds', 'with_subset_n', 'operating_table', 'evaluate_tables', 'evaluate_masks', 'stage_evaluate',
+           'stage_review', 'pack_models', 'load_model_package', 'write_report', 'stage_report', 'training_seed',
+           'seed_runs', 'model_columns', 'run_metrics', 'paper_comparisons', 'run_comparisons', 'robustness_tables',
+           'stage_seeds', 'run_study', 'main']
 
 # %% ../nbs/50_study.ipynb #00db3105
 @dataclass
@@ -37,6 +38,7 @@ class StudyConfig:
     n_train_a: int = 60  # cases of the "RSNA-like" cohort (hospital A, weak labels)
     n_train_b: int = 80  # cases of the "AI-Hub" cohort (hospital B, masks available)
     n_external: int = 200  # cases of the external test cohort (hospital C): AUC standard error about 0.035 at prevalence 0.5
+    external_slab_mm: float = 0.  # > 0: thinner external series are averaged into slabs this thick (mm) before scoring; 0: scored as acquired
     networks: tuple = ('plain_cnn', 'mobilenet_v2')  # the demo: the light CAM network and one paper network; see PAPER_NETWORKS
     clf_slices: int = 600  # balanced training slices per classifier (half with ICH)
     clf_epochs: int = 4  # with `clf_slices` and `bs`: 152 optimiser steps per regime in the demo
@@ -53,6 +55,8 @@ class StudyConfig:
     unet_base: int = 8  # Inception U-Net width (channels of the first block)
     unet_depth: int = 4
     unet_pretrain_epochs: int = 3  # model 2: epochs of encoder pre-training on the 5 subtypes
+    case_rule: str = 'validation'  # minimum component volume (mL) of the ensemble's case rule: 'validation' (chosen on B's held-out cases) or a number ('0': the paper's rule)
+    amp: str = 'auto'  # mixed precision of training and scoring: 'auto' (bf16 on a CPU with native bf16, fp16 on CUDA), 'bf16' or 'off'
     saliency_net: str = 'plain_cnn'  # network shown in the saliency figure
     n_boot: int = 500
     workers: int = 2  # processes for cohort generation and pre-processing
@@ -76,6 +80,22 @@ def make_config(preset: str = 'demo', **overrides) -> StudyConfig:
     kw = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     if 'networks' in kw and isinstance(kw['networks'], str): kw['networks'] = tuple(kw['networks'].split(','))
     return StudyConfig(preset=preset, **kw)
+
+# %% ../nbs/50_study.ipynb #4ce24969
+def cpu_bf16() -> bool:
+    "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): then bf16 autocast is faster, not slower."
+    try: flags = Path('/proc/cpuinfo').read_text()
+    except OSError: return False
+    return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
+
+# %% ../nbs/50_study.ipynb #13fe2a70
+def study_amp(cfg: StudyConfig) -> str:
+    "The mixed-precision mode a run trains and scores with: `cfg.amp`, with 'auto' resolved for a CPU (bf16 if native, else off)."
+    if cfg.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
+    if cfg.amp != 'auto': return cfg.amp
+    import torch
+    dev = torch.device(cfg.device) if cfg.device else default_device()
+    return 'auto' if dev.type == 'cuda' else ('bf16' if cpu_bf16() else 'off')
 
 # %% ../nbs/50_study.ipynb #20136ea6
 def package_versions() -> dict:
@@ -115,6 +135,7 @@ def machine_info() -> dict:
 
 # %% ../nbs/50_study.ipynb #0f0bcbf4
 RUN_ONLY_FIELDS = ('device', 'seeds')  # fields that do not change what a run folder holds: a rerun may change them
+LEGACY_FIELDS = dict(external_slab_mm=0., case_rule='0', amp='off')  # fields added later, with what a run folder made before them did
 
 class StageRunner:
     "Run named stages once per run folder, recording wall times; skip stages already done."
@@ -131,7 +152,7 @@ class StageRunner:
         if p.exists():
             old = json.loads(p.read_text())
             dflt = json.loads(json.dumps(asdict(StudyConfig())))  # a field added since that run: it ran with the default
-            old = {k: old.get(k, dflt.get(k)) for k in cur}
+            old = {k: old.get(k, LEGACY_FIELDS.get(k, dflt.get(k))) for k in cur}
             diff = {k: (old[k], v) for k, v in cur.items() if old[k] != v and k not in RUN_ONLY_FIELDS}
             if diff: raise ValueError(f'{p}: this run folder was made with another configuration {diff}; use a new --out')
         else:
@@ -179,26 +200,42 @@ COHORTS = dict(A=dict(scanner='A', seed_offset=0, field='cohort_a'), B=dict(scan
                external=dict(scanner='C', seed_offset=2, field='external'))
 
 # %% ../nbs/50_study.ipynb #5cae1512
-def cohort_path(cfg: StudyConfig, name: str) -> Path:
-    "Folder of cohort `name` ('A', 'B' or 'external'): the run's synthetic cohort, or the imported folder the config names."
+def source_path(cfg: StudyConfig, name: str) -> Path:
+    "Folder of cohort `name` ('A', 'B' or 'external') as acquired: the run's synthetic cohort, or the imported folder the config names."
     src = getattr(cfg, COHORTS[name]['field'])
     return Path(cfg.out) / 'cohorts' / name if src == 'synthetic' else Path(src)
 
+# %% ../nbs/50_study.ipynb #9e841d8e
+def _slab_mm(path: Path) -> float | None:
+    "The slab thickness a cohort folder was reformatted to (`reformat_cohort`), else None."
+    fn = Path(path) / 'cohort.json'
+    return json.loads(fn.read_text()).get('reformat', {}).get('slab_mm') if fn.is_file() else None
+
+# %% ../nbs/50_study.ipynb #602b2351
+def cohort_path(cfg: StudyConfig, name: str) -> Path:
+    "Folder of cohort `name` the study uses: its source, or the source's slab reformat (the external cohort, `external_slab_mm` > 0)."
+    src, mm = source_path(cfg, name), (cfg.external_slab_mm if name == 'external' else 0.)
+    if not mm or _slab_mm(src) == mm: return src  # a folder reformatted already (the extra seeds of a run) is used as it is
+    return Path(cfg.out) / 'cohorts' / f'{name}_slab{mm:g}mm'
+
 # %% ../nbs/50_study.ipynb #87dc3a0b
 def stage_cohorts(cfg: StudyConfig) -> dict:
-    "Write (or resume) the synthetic cohorts, check the imported ones, and warm every pre-processing cache."
+    "Write (or resume) the synthetic cohorts, check the imported ones, reformat thin external series into slabs, and warm every pre-processing cache."
     from ich_nb.synth import make_cohort
-    from ich_nb.data import load_cohort, precompute
+    from ich_nb.data import load_cohort, precompute, reformat_cohort
     n = dict(A=cfg.n_train_a, B=cfg.n_train_b, external=cfg.n_external)
     info = {}
     for name, spec in COHORTS.items():
-        p = cohort_path(cfg, name)
+        src, p = source_path(cfg, name), cohort_path(cfg, name)
         if getattr(cfg, spec['field']) == 'synthetic':
-            make_cohort(n[name], p, seed=cfg.seed * 10 + spec['seed_offset'], size=cfg.size, scanner=spec['scanner'],
+            make_cohort(n[name], src, seed=cfg.seed * 10 + spec['seed_offset'], size=cfg.size, scanner=spec['scanner'],
                         prefix='X' if name == 'external' else name, n_workers=cfg.workers)
+        if p != src and _slab_mm(p) != cfg.external_slab_mm:
+            reformat_cohort(src, p, cfg.external_slab_mm, n_workers=cfg.workers)
         c = load_cohort(p)
         precompute(c, cfg.size, n_workers=cfg.workers)
         info[name] = dict(path=str(p), cases=len(c), ich=int(c.cases['any'].sum()), slices=len(c.slices), masks=bool(c.has_masks))
+        if p != src: info[name].update(source=str(src), source_slices=int(c.cases['source_slices'].sum()))
     return info
 
 # %% ../nbs/50_study.ipynb #85df8081
@@ -220,32 +257,70 @@ def stage_classifiers(cfg: StudyConfig) -> dict:
     scores = run_regimes(src, load_cohort(cohort_path(cfg, 'external')), archs=list(cfg.networks),
                          path=Path(cfg.out) / 'classifiers', size=cfg.size, n_per_class=cfg.clf_slices // 2,
                          epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, cam_stride=cam_strides(cfg.clf_cam_stride) or None,
-                         seed=training_seed(cfg), device=cfg.device)
+                         seed=training_seed(cfg), device=cfg.device, amp=study_amp(cfg))
     return dict(models=int(scores.groupby(['model', 'regime']).ngroups), cases=int(scores['case_id'].nunique()))
+
+# %% ../nbs/50_study.ipynb #074e87c6
+COMPONENT_GRID = (0., 0.1, 0.25, 0.5, 1., 2.)  # mL: minimum component volumes the validation cases choose from (0: the paper's rule)
+
+def _rule_suffix(ml: float) -> str: return f'min {ml:g} mL'
+
+def choose_min_component(val: pd.DataFrame,  # `evaluate_combinations` on validation cases with `rules` of every `COMPONENT_GRID` volume
+                         model: str = 'Ensemble all',  # the model whose rule is chosen (the final ensemble)
+                         thr: float = 0.5,
+                        ) -> tuple:
+    "`(volume, table)`: the grid volume with the largest Youden J at `thr` (ties: the smaller) and every volume's J, sensitivity, specificity."
+    from ich_nb.stats import sens_spec
+    rows = []
+    for ml in COMPONENT_GRID:
+        g = val[val['model'] == (model if ml == 0 else f'{model} ({_rule_suffix(ml)})')]
+        if not len(g): raise ValueError(f'choose_min_component: no validation rows of {model!r} with {ml:g} mL')
+        se, sp = sens_spec(g['y'].to_numpy(), g['prob'].to_numpy(), thr)
+        rows.append(dict(min_component_ml=ml, sensitivity=se, specificity=sp, youden_j=se + sp - 1, n=len(g)))
+    t = pd.DataFrame(rows)
+    best = float(t.loc[t['youden_j'].round(12).idxmax(), 'min_component_ml'])  # idxmax: the first (smallest) of a tie
+    return best, t.assign(chosen=t['min_component_ml'] == best)
+
+# %% ../nbs/50_study.ipynb #e503821a
+def rule_rows(d: pd.DataFrame,  # `evaluate_combinations` output with `rules` suffixes
+              ml: float,  # the chosen minimum component volume
+             ) -> pd.DataFrame:
+    "Rows of the chosen rule under the plain model names, the paper's rule as '<model> (paper rule)', other volumes dropped."
+    if ml == 0: return d[~d['model'].str.contains(r' \(min [\d.]+ mL\)$')].reset_index(drop=True)
+    suf = f' ({_rule_suffix(ml)})'
+    chosen, plain = d[d['model'].str.endswith(suf)], d[~d['model'].str.contains(r' \(min [\d.]+ mL\)$')]
+    return pd.concat([chosen.assign(model=chosen['model'].str[:-len(suf)]), plain.assign(model=plain['model'] + ' (paper rule)')],
+                     ignore_index=True)
 
 # %% ../nbs/50_study.ipynb #4a13b99c
 def stage_ensemble(cfg: StudyConfig) -> dict:
-    "Train the five base models and the weight models (resumable), then score the external cohort."
+    "Train the five base models and the weight models (resumable), choose the case rule on validation cases, then score the external cohort."
     from ich_nb.data import load_cohort
     from ich_nb.unet import train_base_model, BASE_MODELS, common_split
     from ich_nb.ensemble import train_weight_model, evaluate_combinations, COMBINATIONS, prob_map_cache
     B, ext = load_cohort(cohort_path(cfg, 'B')), load_cohort(cohort_path(cfg, 'external'))
-    path = Path(cfg.out) / 'ensemble'
+    path, amp = Path(cfg.out) / 'ensemble', study_amp(cfg)
     base = {k: train_base_model(k, B, path, size=cfg.size, epochs=cfg.unet_epochs, bs=cfg.bs, lr=cfg.lr_unet,
                                 base=cfg.unet_base, depth=cfg.unet_depth, n_per_class=cfg.unet_slices // 2,
                                 pretrain_epochs=cfg.unet_pretrain_epochs,
                                 one_cycle=cfg.unet_one_cycle, bce_weight=cfg.unet_bce, seed=training_seed(cfg),
-                                device=cfg.device).model for k in BASE_MODELS}
+                                device=cfg.device, amp=amp).model for k in BASE_MODELS}
     cache = prob_map_cache(base, B, cfg.size, cfg.unet_slices // 2, seed=training_seed(cfg), device=cfg.device)
     weights = {c: train_weight_model(c, base, B, path, size=cfg.size, cache=cache, epochs=cfg.weight_epochs,
-                                     bs=cfg.bs, lr=cfg.lr_weight, seed=training_seed(cfg), device=cfg.device).model for c in COMBINATIONS}
-    if not (path / 'validation.csv').exists():  # the internal validation cases of B (never seen in training): thresholds
+                                     bs=cfg.bs, lr=cfg.lr_weight, seed=training_seed(cfg), device=cfg.device, amp=amp).model for c in COMBINATIONS}
+    grid = {_rule_suffix(v): v for v in COMPONENT_GRID if v > 0}
+    if not (path / 'validation_rules.csv').exists():  # the internal validation cases of B (never seen in training): rule, thresholds
         va = common_split(B, 0.2, training_seed(cfg))[1]
-        val = evaluate_combinations(base, weights, B, size=cfg.size, case_ids=va, include_base=True, device=cfg.device)
-        atomic_save(path / 'validation.csv', lambda f: val.to_csv(f, index=False))
-    preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device)
+        val = evaluate_combinations(base, weights, B, size=cfg.size, case_ids=va, include_base=True, rules=grid, device=cfg.device, amp=amp != 'off')
+        atomic_save(path / 'validation_rules.csv', lambda f: val.to_csv(f, index=False))
+    val = pd.read_csv(path / 'validation_rules.csv', dtype={'case_id': str})
+    ml, table = choose_min_component(val) if cfg.case_rule == 'validation' else (float(cfg.case_rule), None)
+    if table is not None: atomic_save(path / 'case_rule.csv', lambda f: table.to_csv(f, index=False))
+    atomic_save(path / 'validation.csv', lambda f: rule_rows(val, ml).to_csv(f, index=False))
+    preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device, amp=amp != 'off',
+                                  min_component_ml=ml, rules={'paper rule': 0.} if ml > 0 else None)
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
-    return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()))
+    return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()), min_component_ml=ml)
 
 # %% ../nbs/50_study.ipynb #61185d12
 TABLE4_REGIME = 'aihub_strong'
@@ -260,13 +335,14 @@ def _n_networks(cfg) -> str: return 'one network' if len(cfg.networks) == 1 else
 def case_predictions(cfg: StudyConfig) -> pd.DataFrame:
     "One row per external case: labels, subtypes, volume and every model's probability (wide)."
     from ich_nb.data import load_cohort
+    from ich_nb.ensemble import COMBO_NAMES
     out = Path(cfg.out)
     cases = load_cohort(cohort_path(cfg, 'external')).cases.set_index('case_id')
     clf = pd.read_csv(out / 'classifiers' / 'scores.csv', dtype={'case_id': str})
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
     w = clf.assign(col=clf['model'].map(_net_name) + ' | ' + clf['regime']).pivot(index='case_id', columns='col', values='prob')
     e = ens.pivot(index='case_id', columns='model', values='prob')
-    vol = ens[ens['combo'] == FINAL_COMBO].set_index('case_id')['vol_pred_ml'].rename('vol_pred_ml')
+    vol = ens[ens['model'] == COMBO_NAMES[FINAL_COMBO]].set_index('case_id')['vol_pred_ml'].rename('vol_pred_ml')
     keep = ['any', *ICH_SUBTYPES, 'vol_ml_total', 'small_lesion']
     df = cases[[c for c in keep if c in cases]].join(vol).join(e).join(w)
     return df.rename(columns={'any': 'y'}).reset_index()
@@ -345,10 +421,10 @@ def evaluate_masks(cfg: StudyConfig, ext) -> dict:
     import matplotlib.pyplot as plt
     from ich_nb.stats import save_table
     from ich_nb.classifiers import load_regime_models, example_slices, saliency_figure, localisation_table, plot_training_logs, REGIMES
-    from ich_nb.ensemble import plot_volumes, volume_agreement
+    from ich_nb.ensemble import plot_volumes, volume_agreement, COMBO_NAMES
     out = Path(cfg.out); tdir, fdir = out / 'tables', out / 'figures'
     ens = pd.read_csv(out / 'ensemble' / 'predictions.csv', dtype={'case_id': str})
-    fin = ens[(ens['combo'] == FINAL_COMBO) & (ens['y'] == 1)]
+    fin = ens[(ens['model'] == COMBO_NAMES[FINAL_COMBO]) & (ens['y'] == 1)]
     fig = plot_volumes(fin['vol_true_ml'], fin['vol_pred_ml'], title='Ensemble (models 1-5), ICH cases')
     atomic_save(fdir / 'volumes.png', lambda f: fig.savefig(f, dpi=120, bbox_inches='tight')); plt.close(fig)
     vol = volume_agreement(fin['vol_true_ml'], fin['vol_pred_ml'])
@@ -454,6 +530,17 @@ def _validation_section(out: Path) -> str:
     return ("Internal validation (held-out cases of the training cohort; negatives drawn at the levels of the positives, "
             "so a model that only knows the slice's level scores 0.5: `level_only_auc`):\n\n" + to_markdown(v[cols].round(3), index=False) + '\n')
 
+def _rule_section(out: Path) -> str:
+    "The ensemble's case rule: the minimum component volume chosen on internal validation cases, with every candidate."
+    f = out / 'ensemble' / 'case_rule.csv'
+    if not f.exists(): return ''
+    from ich_nb.stats import to_markdown
+    r = pd.read_csv(f); ml = float(r.loc[r['chosen'], 'min_component_ml'].iloc[0])
+    what = "the paper's rule (no component removed)" if ml == 0 else f'components of the combined mask under {ml:g} mL removed before the slice scores'
+    return (f"Case rule of the ensembles: {what}, chosen on {int(r['n'].iloc[0])} internal validation cases of B (Youden's J "
+            f"of Ensemble all at 0.5; never on the external cohort). Rows marked \"(paper rule)\" score the same maps by the "
+            f"paper's rule.\n\n{to_markdown(r.round(3), index=False)}\n")
+
 def _seeds_section(cfg: StudyConfig, t: Path) -> str:
     "The report's section across training seeds (empty for a single-seed run)."
     if cfg.seeds < 2 or not (t / 'robustness_metrics.md').exists(): return ''
@@ -487,6 +574,7 @@ numbers show the pipeline, not clinical performance.
 
 {_md_file(t / 'table3.md')}
 
+{_rule_section(out)}
 {_strata_section(t)}
 
 ## Table 4: weighted ensemble vs {_n_networks(cfg)}
