@@ -814,6 +814,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/ich_nb', 'doc_host': '', '
                                                                                'ich_nb/unet.py'),
                              'ich_nb.unet.InceptionUNet.forward': ('unet.html#inceptionunet.forward', 'ich_nb/unet.py'),
                              'ich_nb.unet.InceptionUNet.multiple': ('unet.html#inceptionunet.multiple', 'ich_nb/unet.py'),
+                             'ich_nb.unet.MaxPool3': ('unet.html#maxpool3', 'ich_nb/unet.py'),
+                             'ich_nb.unet.MaxPool3.forward': ('unet.html#maxpool3.forward', 'ich_nb/unet.py'),
                              'ich_nb.unet.SegLoss': ('unet.html#segloss', 'ich_nb/unet.py'),
                              'ich_nb.unet.SegLoss.__call__': ('unet.html#segloss.__call__', 'ich_nb/unet.py'),
                              'ich_nb.unet.SegLoss.__init__': ('unet.html#segloss.__init__', 'ich_nb/unet.py'),

@@ -685,12 +685,14 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
                 cam_stride: int | dict | None = None,  # 8, 16 or 32 for every network, or {network: stride} (default: each network's own)
                 weights=None,  # None (from scratch) or 'cache' (each network's cached ImageNet weights, see `cam_body`)
                 channels_last: bool = True, amp: str | None = 'auto',  # speed options, see `classifier_learner`
+                score_amp: bool | None = None,  # bf16 autocast when scoring on a CPU (default: when training in bf16)
                 seed: int = 0, device=None, show_progress: bool = True,
                 level_matched: bool = True,  # level-matched validation slices (see `regime_slices`)
                 score: str = 'max_prob',  # case score of validation and external cases (see `case_scores`)
                ) -> pd.DataFrame:
     "Train every network in every regime, validate it (`validation.csv`), score the external cases: `case_id, model, regime, prob, y`."
     for a in archs: cam_stride_of(a, _stride(cam_stride, a))
+    score_amp = amp == 'bf16' if score_amp is None else score_amp
     _check_sources(sources, regimes); init_distributed()
     path = Path(path); scores_f = path / 'scores.csv'
     cols = ['case_id', 'model', 'regime', 'prob', 'y']
@@ -709,9 +711,9 @@ def run_regimes(sources: dict,  # {'rsna_like': Cohort, 'aihub': Cohort (with ma
                                      channels_last=channels_last, amp=amp, show_progress=show_progress)
             if is_main():
                 t1, c1 = time.perf_counter(), time.process_time()
-                val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score, amp=amp == 'bf16')
+                val = validation_summary(learn.model, src, sl, size, 2 * bs, dls.device, score=score, amp=score_amp)
                 t2, c2 = time.perf_counter(), time.process_time()
-                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score, amp=amp == 'bf16')
+                sc = case_scores(learn.model, external, size=size, bs=2 * bs, device=dls.device, progress=show_progress, score=score, amp=score_amp)
                 row = dict(model=a, regime=r, n_train_slices=len(sl['train']), n_steps=len(dls.train) * epochs, **val,
                            train_s=round(t1 - t0, 1), valid_s=round(t2 - t1, 1), score_s=round(time.perf_counter() - t2, 1),
                            train_cpu_s=round(c1 - c0, 1), valid_cpu_s=round(c2 - c1, 1), score_cpu_s=round(time.process_time() - c2, 1))

@@ -56,7 +56,7 @@ class StudyConfig:
     unet_depth: int = 4
     unet_pretrain_epochs: int = 3  # model 2: epochs of encoder pre-training on the 5 subtypes
     case_rule: str = 'validation'  # minimum component volume (mL) of the ensemble's case rule: 'validation' (chosen on B's held-out cases) or a number ('0': the paper's rule)
-    amp: str = 'auto'  # mixed precision of training and scoring: 'auto' (bf16 on a CPU with native bf16, fp16 on CUDA), 'bf16' or 'off'
+    amp: str = 'auto'  # mixed precision: 'auto' (CUDA: fp16; CPU: float32 training, bf16 classifier scoring where native), 'bf16' (training too) or 'off'
     saliency_net: str = 'plain_cnn'  # network shown in the saliency figure
     n_boot: int = 500
     workers: int = 2  # processes for cohort generation and pre-processing
@@ -89,13 +89,13 @@ def cpu_bf16() -> bool:
     return bool(re.search(r'\b(avx512_bf16|amx_bf16)\b', flags))
 
 # %% ../nbs/50_study.ipynb #13fe2a70
-def study_amp(cfg: StudyConfig) -> str:
-    "The mixed-precision mode a run trains and scores with: `cfg.amp`, with 'auto' resolved for a CPU (bf16 if native, else off)."
+def study_amp(cfg: StudyConfig) -> tuple:
+    "`(training mode, bf16 classifier scoring)` of a run: `cfg.amp` resolved for this machine (see below)."
     if cfg.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
-    if cfg.amp != 'auto': return cfg.amp
+    if cfg.amp != 'auto': return cfg.amp, cfg.amp == 'bf16'
     import torch
-    dev = torch.device(cfg.device) if cfg.device else default_device()
-    return 'auto' if dev.type == 'cuda' else ('bf16' if cpu_bf16() else 'off')
+    cuda = (torch.device(cfg.device) if cfg.device else default_device()).type == 'cuda'
+    return ('auto', False) if cuda else ('off', cpu_bf16())
 
 # %% ../nbs/50_study.ipynb #20136ea6
 def package_versions() -> dict:
@@ -253,11 +253,12 @@ def stage_classifiers(cfg: StudyConfig) -> dict:
     "Train the classifiers in the three regimes (resumable), check them on internal validation cases, and score the external cohort."
     from ich_nb.data import load_cohort
     from ich_nb.classifiers import run_regimes
+    amp, score_amp = study_amp(cfg)
     src = dict(rsna_like=load_cohort(cohort_path(cfg, 'A')), aihub=load_cohort(cohort_path(cfg, 'B')))
     scores = run_regimes(src, load_cohort(cohort_path(cfg, 'external')), archs=list(cfg.networks),
                          path=Path(cfg.out) / 'classifiers', size=cfg.size, n_per_class=cfg.clf_slices // 2,
                          epochs=cfg.clf_epochs, bs=cfg.bs, lr=cfg.lr_clf, cam_stride=cam_strides(cfg.clf_cam_stride) or None,
-                         seed=training_seed(cfg), device=cfg.device, amp=study_amp(cfg))
+                         seed=training_seed(cfg), device=cfg.device, amp=amp, score_amp=score_amp)
     return dict(models=int(scores.groupby(['model', 'regime']).ngroups), cases=int(scores['case_id'].nunique()))
 
 # %% ../nbs/50_study.ipynb #074e87c6
@@ -299,7 +300,7 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     from ich_nb.unet import train_base_model, BASE_MODELS, common_split
     from ich_nb.ensemble import train_weight_model, evaluate_combinations, COMBINATIONS, prob_map_cache
     B, ext = load_cohort(cohort_path(cfg, 'B')), load_cohort(cohort_path(cfg, 'external'))
-    path, amp = Path(cfg.out) / 'ensemble', study_amp(cfg)
+    path, amp = Path(cfg.out) / 'ensemble', study_amp(cfg)[0]
     base = {k: train_base_model(k, B, path, size=cfg.size, epochs=cfg.unet_epochs, bs=cfg.bs, lr=cfg.lr_unet,
                                 base=cfg.unet_base, depth=cfg.unet_depth, n_per_class=cfg.unet_slices // 2,
                                 pretrain_epochs=cfg.unet_pretrain_epochs,
@@ -311,13 +312,13 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     grid = {_rule_suffix(v): v for v in COMPONENT_GRID if v > 0}
     if not (path / 'validation_rules.csv').exists():  # the internal validation cases of B (never seen in training): rule, thresholds
         va = common_split(B, 0.2, training_seed(cfg))[1]
-        val = evaluate_combinations(base, weights, B, size=cfg.size, case_ids=va, include_base=True, rules=grid, device=cfg.device, amp=amp != 'off')
+        val = evaluate_combinations(base, weights, B, size=cfg.size, case_ids=va, include_base=True, rules=grid, device=cfg.device)
         atomic_save(path / 'validation_rules.csv', lambda f: val.to_csv(f, index=False))
     val = pd.read_csv(path / 'validation_rules.csv', dtype={'case_id': str})
     ml, table = choose_min_component(val) if cfg.case_rule == 'validation' else (float(cfg.case_rule), None)
     if table is not None: atomic_save(path / 'case_rule.csv', lambda f: table.to_csv(f, index=False))
     atomic_save(path / 'validation.csv', lambda f: rule_rows(val, ml).to_csv(f, index=False))
-    preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device, amp=amp != 'off',
+    preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device,
                                   min_component_ml=ml, rules={'paper rule': 0.} if ml > 0 else None)
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
     return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()), min_component_ml=ml)
@@ -490,6 +491,7 @@ def load_model_package(path, device='cpu') -> dict:
     "Rebuild the models of a package (`weights_only` load): `{'classifiers': {name: model}, 'unets': {name: model}, 'config': ...}`."
     import torch
     from ich_nb.train import net_from_dict
+    import ich_nb.classifiers, ich_nb.ensemble  # noqa: F401  (their networks register themselves with `net_from_dict`)
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'{path}: no model package')
     pkg = torch.load(path, map_location=device, weights_only=True)

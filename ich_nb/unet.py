@@ -18,7 +18,7 @@ from .train import *
 from .windowing import BRAIN
 
 # %% auto #0
-__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'HARD_NEGATIVES', 'ConvBnReLU', 'Inception', 'InceptionUNet',
+__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'HARD_NEGATIVES', 'ConvBnReLU', 'MaxPool3', 'Inception', 'InceptionUNet',
            'EncoderClassifier', 'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric', 'toy_seg_data',
            'tensor_dls', 'fuse_conv_bn', 'prepare_for_inference', 'pad_to_multiple', 'head_box', 'autocast_ctx',
            'as_input', 'net_config', 'net_device', 'crop_to_head', 'uncrop', 'predict_probs', 'seg_learner',
@@ -30,6 +30,15 @@ class ConvBnReLU(nn.Sequential):
     "Conv2d (no bias, 'same' padding) + BatchNorm2d + ReLU."
     def __init__(self, ni: int, no: int, ks: int = 1):
         super().__init__(nn.Conv2d(ni, no, ks, padding=ks // 2, bias=False), nn.BatchNorm2d(no), nn.ReLU(inplace=True))
+
+# %% ../nbs/30_unet.ipynb #afe8a418
+class MaxPool3(nn.Module):
+    "3x3 max pooling, stride 1, padding 1 (`nn.MaxPool2d(3, 1, 1)`); without autograd, as the maximum of shifted views."
+    def forward(self, x):
+        if torch.is_grad_enabled() and x.requires_grad: return F.max_pool2d(x, 3, 1, 1)
+        p = F.pad(x, (1, 1, 1, 1), value=float('-inf'))
+        h = torch.maximum(torch.maximum(p[..., :-2, :], p[..., 1:-1, :]), p[..., 2:, :])
+        return torch.maximum(torch.maximum(h[..., :-2], h[..., 1:-1]), h[..., 2:])
 
 # %% ../nbs/30_unet.ipynb #edfcc2a3
 class Inception(nn.Module):
@@ -43,7 +52,7 @@ class Inception(nn.Module):
         self.reduce = ConvBnReLU(ni, 3 * b, 1)  # branch 1 + the reductions of branches 2 and 3, as one conv
         self.conv3 = ConvBnReLU(b, b, 3)
         self.conv33 = nn.Sequential(ConvBnReLU(b, b, 3), ConvBnReLU(b, b, 3))
-        self.pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), ConvBnReLU(ni, no - 3 * b, 1))
+        self.pool = nn.Sequential(MaxPool3(), ConvBnReLU(ni, no - 3 * b, 1))
     def forward(self, x):
         b1, r3, r33 = self.reduce(x).split(self.split, dim=1)
         return torch.cat([b1, self.conv3(r3), self.conv33(r33), self.pool(x)], dim=1)
