@@ -37,7 +37,7 @@ def load_ensemble(path,  # model package file or study run folder
                   combo: str = 'all',  # combination (`ich_nb.ensemble.COMBINATIONS`): its base models and weight model are loaded
                   device=None,
                  ) -> dict:
-    "`dict(base={id: InceptionUNet}, weights=WeightNet, size, combo, prepared)` of one combination; `prepared` = inference copies."
+    "`dict(base={id: InceptionUNet}, weights=WeightNet, size, combo, prepared, min_component_ml)` of one combination; `prepared` = inference copies."
     import torch
     with _quiet_imports():
         from ich_nb.unet import net_from_dict
@@ -58,7 +58,8 @@ def load_ensemble(path,  # model package file or study run folder
     if missing: raise KeyError(f'{f}: combination {combo!r} needs base model(s) {missing}, which the package lacks')
     base = {i: net_from_dict(unets[f'model{i}'], device, f'{f} [model{i}]') for i in ids}
     size = int(base[ids[0]].meta.get('size') or pkg.get('config', {}).get('size', 256))
-    return dict(base=base, weights=w, size=size, combo=combo, prepared=prepare_ensemble(base, {combo: w}))
+    return dict(base=base, weights=w, size=size, combo=combo, prepared=prepare_ensemble(base, {combo: w}),
+                min_component_ml=float(pkg.get('min_component_ml', 0.)))  # the case rule the study chose (0: the paper's)
 
 # %% ../nbs/70_predict.ipynb #4e461310
 def pack_unets(nets: dict,  # {name: ich_nb net}, names `model1`..`model5` and `weights_<combination>`
@@ -177,7 +178,7 @@ def predict_series(ens: dict,  # from `load_ensemble`
     sp = resized_spacing(ct.spacing, ct.hu.shape, ens['size'])
     b, w = ens['prepared']  # folded BatchNorm, channels_last: made once by `load_ensemble`
     with torch.inference_mode(): _, comb = ensemble_maps(b, w, x, bs=bs, amp=amp)
-    r = case_result(comb[ens['combo']], thr)
+    r = case_result(comb[ens['combo']], thr, sp, ens.get('min_component_ml', 0.))
     no_volume = {'PixelSpacing', 'slice spacing'} & set(ct.meta.get('assumed', []))
     return dict(prob=r['case_prob'], slice_scores=r['slice_scores'], top_slice=int(np.argmax(r['slice_scores'])),
                 volume_ml=np.nan if no_volume else lesion_volume_ml(r['combined_mask'], sp), combined=r['combined'],

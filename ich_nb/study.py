@@ -323,7 +323,7 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
     return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()), min_component_ml=ml)
 
-# %% ../nbs/50_study.ipynb #61185d12
+# %% ../nbs/50_study.ipynb #1cb4866b
 TABLE4_REGIME = 'aihub_strong'
 FINAL_COMBO = 'all'
 
@@ -331,8 +331,10 @@ def _net_name(arch: str) -> str:
     from ich_nb.classifiers import ARCHS
     return ARCHS.get(arch, {}).get('name', arch)
 
+# %% ../nbs/50_study.ipynb #eafc5dd9
 def _n_networks(cfg) -> str: return 'one network' if len(cfg.networks) == 1 else f'{len(cfg.networks)} networks'
 
+# %% ../nbs/50_study.ipynb #90bc64ff
 def case_predictions(cfg: StudyConfig) -> pd.DataFrame:
     "One row per external case: labels, subtypes, volume and every model's probability (wide)."
     from ich_nb.data import load_cohort
@@ -348,6 +350,7 @@ def case_predictions(cfg: StudyConfig) -> pd.DataFrame:
     df = cases[[c for c in keep if c in cases]].join(vol).join(e).join(w)
     return df.rename(columns={'any': 'y'}).reset_index()
 
+# %% ../nbs/50_study.ipynb #33acdf52
 def table4_preds(pred: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
     "Wide table (index case id) of the final ensemble and the trained networks in the Table 4 regime."
     from ich_nb.ensemble import COMBO_NAMES
@@ -481,6 +484,9 @@ def pack_models(cfg: StudyConfig) -> Path:
     import torch, ich_nb
     out = Path(cfg.out)
     pkg = dict(ich_nb_version=ich_nb.__version__, config=json.loads(json.dumps(asdict(cfg))), classifiers={}, unets={})
+    rule = out / 'ensemble' / 'case_rule.csv'  # the case rule the run chose travels with its models (`ich_nb_predict` applies it)
+    if rule.exists(): r = pd.read_csv(rule); pkg['min_component_ml'] = float(r.loc[r['chosen'], 'min_component_ml'].iloc[0])
+    elif cfg.case_rule != 'validation': pkg['min_component_ml'] = float(cfg.case_rule)
     for key, folder in [('classifiers', out / 'classifiers' / 'models'), ('unets', out / 'ensemble')]:
         for f in sorted(folder.glob('*.pth')): pkg[key][f.stem] = torch.load(f, map_location='cpu', weights_only=True)
     dest = out / 'models' / 'ich_nb_models.pt'
@@ -498,9 +504,10 @@ def load_model_package(path, device='cpu') -> dict:
     nets = {k: {name: net_from_dict(d, device, f'{path} [{name}]') for name, d in pkg[k].items()} for k in ('classifiers', 'unets')}
     return dict(**nets, config=pkg['config'], ich_nb_version=pkg['ich_nb_version'])
 
-# %% ../nbs/50_study.ipynb #1d9d9491
+# %% ../nbs/50_study.ipynb #a1b815d2
 def _md_file(p: Path) -> str: return p.read_text() if p.exists() else f'*({p.name} missing)*'
 
+# %% ../nbs/50_study.ipynb #019f1abe
 def _localisation_section(out: Path) -> str:
     "Localisation and saliency of the classifiers (only when the external cohort has masks)."
     if not (out / 'tables' / 'localisation.md').exists():
@@ -509,6 +516,7 @@ def _localisation_section(out: Path) -> str:
             "\n\n![Saliency: weak vs strong CAMs beside the true mask and the oracle](figures/saliency.png)\n"
             "\n![Training loss of the weak and strong twins; the saliency (segmentation) loss of the strong one](figures/saliency_loss.png)\n")
 
+# %% ../nbs/50_study.ipynb #7a4f60bb
 def _strata_section(t: Path) -> str:
     "Which Table 3 strata the external cohort supports, and why not where it does not."
     if not (t / 'strata.csv').exists(): return ''
@@ -517,11 +525,13 @@ def _strata_section(t: Path) -> str:
     return '' if gone.empty else 'Strata this external cohort cannot provide (left out of Table 3, not invented):\n\n' + \
         '\n'.join(f'- {k}: {r.reason}' for k, r in gone.iterrows()) + '\n'
 
+# %% ../nbs/50_study.ipynb #f6cf8bc7
 def _volume_section(out: Path) -> str:
     "Predicted vs true lesion volumes (only when the external cohort has masks)."
     if not (out / 'figures' / 'volumes.png').exists(): return ''
     return '## Lesion volume (combined mask vs truth)\n\n![Volumes](figures/volumes.png)\n\n'
 
+# %% ../nbs/50_study.ipynb #86a7b307
 def _validation_section(out: Path) -> str:
     "The classifiers on their internal validation slices: slice AUC beside the level-only baseline."
     f = out / 'classifiers' / 'validation.csv'
@@ -532,6 +542,7 @@ def _validation_section(out: Path) -> str:
     return ("Internal validation (held-out cases of the training cohort; negatives drawn at the levels of the positives, "
             "so a model that only knows the slice's level scores 0.5: `level_only_auc`):\n\n" + to_markdown(v[cols].round(3), index=False) + '\n')
 
+# %% ../nbs/50_study.ipynb #23c11f46
 def _rule_section(out: Path) -> str:
     "The ensemble's case rule: the minimum component volume chosen on internal validation cases, with every candidate."
     f = out / 'ensemble' / 'case_rule.csv'
@@ -543,6 +554,7 @@ def _rule_section(out: Path) -> str:
             f"of Ensemble all at 0.5; never on the external cohort). Rows marked \"(paper rule)\" score the same maps by the "
             f"paper's rule.\n\n{to_markdown(r.round(3), index=False)}\n")
 
+# %% ../nbs/50_study.ipynb #97ad5002
 def _seeds_section(cfg: StudyConfig, t: Path) -> str:
     "The report's section across training seeds (empty for a single-seed run)."
     if cfg.seeds < 2 or not (t / 'robustness_metrics.md').exists(): return ''
@@ -551,6 +563,7 @@ def _seeds_section(cfg: StudyConfig, t: Path) -> str:
             f"DeLong comparisons of the paper's tables: AUC difference (model - reference) and in how many runs it was "
             f"significantly higher or lower (p < 0.05):\n\n{_md_file(t / 'robustness_comparisons.md')}\n\n")
 
+# %% ../nbs/50_study.ipynb #6026530c
 def write_report(cfg: StudyConfig, times: dict) -> Path:
     "Write `report.md` and the self-contained `report.html` of a finished run."
     out = Path(cfg.out); t = out / 'tables'
@@ -615,6 +628,7 @@ Configuration: `config.json`; per-case predictions: `predictions.csv`; models: `
     with atomic_write(out / 'report.html') as f: f.write(md_to_html(md, out))
     return out / 'report.md'
 
+# %% ../nbs/50_study.ipynb #e0ba11cd
 def stage_report(cfg: StudyConfig, times: dict) -> dict:
     "Pack the models and write the report."
     return dict(models=str(pack_models(cfg)), report=str(write_report(cfg, times)))
