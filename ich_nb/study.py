@@ -79,7 +79,11 @@ def make_config(preset: str = 'demo', **overrides) -> StudyConfig:
     if bad: raise ValueError(f'unknown config field(s) {sorted(bad)}; valid: {sorted(names)}')
     kw = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     if 'networks' in kw and isinstance(kw['networks'], str): kw['networks'] = tuple(kw['networks'].split(','))
-    return StudyConfig(preset=preset, **kw)
+    cfg = StudyConfig(preset=preset, **kw)
+    try: cfg.case_rule == 'validation' or float(cfg.case_rule)  # checked here, not after hours of training
+    except ValueError: raise ValueError(f"case_rule must be 'validation' or a volume in mL, got {cfg.case_rule!r}") from None
+    if cfg.amp not in ('auto', 'bf16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {cfg.amp!r}")
+    return cfg
 
 # %% ../nbs/50_study.ipynb #4ce24969
 def cpu_bf16() -> bool:
