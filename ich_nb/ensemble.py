@@ -18,12 +18,13 @@ from .unet import *
 from .windowing import BONE
 
 # %% auto #0
-__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'ENSEMBLE_MULTIPLE', 'PAPER_RULE', 'MIN_COMPONENT_ML', 'prob_dice_metric',
-           'WEIGHT_MAX_WEIGHT', 'FP_CLASSES', 'combine', 'slice_score', 'case_probability', 'combo_models', 'WeightNet',
-           'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps', 'drop_small_components', 'case_result',
-           'predict_case', 'WeightSet', 'weight_dls', 'fit_weight_net', 'prob_map_cache', 'train_weight_model',
-           'case_spacing', 'evaluate_combinations', 'table3_subsets', 'combination_table', 'volume_agreement',
-           'plot_volumes', 'fp_class_map', 'fp_sources', 'plot_fp_examples', 'operating_summary']
+__all__ = ['NORMS', 'COMBINATIONS', 'COMBO_NAMES', 'ENSEMBLE_MULTIPLE', 'PAPER_RULE', 'MIN_COMPONENT_ML', 'BOUND_SLACK',
+           'prob_dice_metric', 'WEIGHT_MAX_WEIGHT', 'FP_CLASSES', 'combine', 'slice_score', 'case_probability',
+           'combo_models', 'WeightNet', 'as_net', 'prepare_ensemble', 'weight_model_ids', 'ensemble_maps',
+           'drop_small_components', 'case_result', 'combined_bound', 'ensemble_results', 'predict_case', 'WeightSet',
+           'weight_dls', 'fit_weight_net', 'prob_map_cache', 'train_weight_model', 'case_spacing',
+           'evaluate_combinations', 'table3_subsets', 'combination_table', 'volume_agreement', 'plot_volumes',
+           'fp_class_map', 'fp_sources', 'plot_fp_examples', 'operating_summary']
 
 # %% ../nbs/31_ensemble.ipynb #d76d4098
 NORMS = ('k', 'softmax')  # the weight normalisations of `combine`
@@ -125,6 +126,22 @@ def _weight_input(probs: torch.Tensor, ids: list, combo: tuple, x: torch.Tensor 
     inp = probs[:, cols]
     return torch.cat([inp, x.to(inp.dtype)], 1) if wcfg.get('with_image') else inp
 
+def _base_probs(base_models: dict, ids: list, xb: torch.Tensor) -> torch.Tensor:
+    "Probability maps `(B, K, h, w)` float32 of the base models `ids` (in that order) on a batch."
+    return torch.cat([torch.sigmoid(base_models[j](xb).float()) for j in ids], 1)
+
+def _ensemble_inputs(base_models: dict, weight_models: dict, x, crop: bool, channels_last: bool, multiple: int, caller: str) -> tuple:
+    "Checked networks and the cropped input: `(base ids, {combo: its base ids}, x, (cropped x, box, padded))`."
+    ids = sorted(base_models)
+    wids = {c: weight_model_ids(c, wm) for c, wm in weight_models.items()}
+    need = {i for c in wids.values() for i in c} - set(ids)
+    if need: raise ValueError(f'{caller}: weight models need base model(s) {sorted(need)} that were not given')
+    nets = [base_models[i] for i in ids] + list(weight_models.values())
+    x = as_input(x, net_device(nets[0]))
+    deep = sorted({2 ** net_config(n)['depth'] for n in nets if multiple % 2 ** net_config(n)['depth']})
+    if deep: raise ValueError(f'{caller}: the head-box multiple {multiple} is not a multiple of 2**depth = {deep} of a network; pass multiple=')
+    return ids, wids, x, crop_to_head(x, multiple, crop, channels_last)
+
 @torch.inference_mode()
 def ensemble_maps(base_models: dict,  # {model number: prepared InceptionUNet}
                   weight_models: dict,  # {combination: prepared WeightNet}
@@ -137,21 +154,13 @@ def ensemble_maps(base_models: dict,  # {model number: prepared InceptionUNet}
                   return_weights: bool = False,  # also return `{combo: per-pixel weights (S, k, H, W)}`
                  ) -> tuple:
     "`(probs (S, K, H, W) of the base models in sorted id order, {combo: combined map (S, H, W)}[, {combo: weights}])`."
-    ids = sorted(base_models)
-    wids = {c: weight_model_ids(c, wm) for c, wm in weight_models.items()}
-    need = {i for c in wids.values() for i in c} - set(ids)
-    if need: raise ValueError(f'ensemble_maps: weight models need base model(s) {sorted(need)} that were not given')
-    nets = [base_models[i] for i in ids] + list(weight_models.values())
-    x = as_input(x, net_device(nets[0]))
-    deep = sorted({2 ** net_config(n)['depth'] for n in nets if multiple % 2 ** net_config(n)['depth']})
-    if deep: raise ValueError(f'ensemble_maps: the head-box multiple {multiple} is not a multiple of 2**depth = {deep} of a network; pass multiple=')
-    xc, box, padded = crop_to_head(x, multiple, crop, channels_last)
+    ids, wids, x, (xc, box, padded) = _ensemble_inputs(base_models, weight_models, x, crop, channels_last, multiple, 'ensemble_maps')
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     probs, comb, wts = [], {c: [] for c in weight_models}, {c: [] for c in weight_models}
     with autocast_ctx(x.device, amp):
         for i in range(0, len(xc), bs):
             xb = xc[i:i + bs]
-            p = torch.cat([torch.sigmoid(base_models[j](xb).float()) for j in ids], 1)
+            p = _base_probs(base_models, ids, xb)
             probs.append(p)
             for c, wm in weight_models.items():
                 inp = _weight_input(p, ids, wids[c], xb, net_config(wm)).contiguous(memory_format=fmt)
@@ -195,6 +204,57 @@ def case_result(combined: torch.Tensor, thr: float = 0.5,
     f = slice_score(combined).cpu().numpy()
     return dict(slice_scores=f, case_prob=case_probability(f, thr), combined=combined.cpu().numpy(),
                 combined_mask=(combined >= thr).cpu().numpy())
+
+# %% ../nbs/31_ensemble.ipynb #6cc4f55b
+BOUND_SLACK = 1e-5  # added to `combined_bound`: float32 rounding of the weighted sum (bf16 weights may round to exactly 1)
+
+def combined_bound(probs: torch.Tensor,  # base-model maps `(S, K, H, W)`
+                   cols,  # the columns a weight model combines
+                   norm: str = 'k',  # the weight model's `norm`
+                  ) -> torch.Tensor:
+    "Per slice `(S,)`, the largest score its combined map can reach: max over pixels of the mean ('k') or maximum ('softmax') of the maps."
+    p = probs[:, list(cols)]
+    return (p.mean(1) if norm == 'k' else p.amax(1)).flatten(1).amax(1) + BOUND_SLACK
+
+@torch.inference_mode()
+def ensemble_results(base_models: dict,  # {model number: prepared InceptionUNet}
+                     weight_models: dict,  # {combination: prepared WeightNet}
+                     x,  # `(S, 4, H, W)` slices in [0, 1] (uint8 is scaled)
+                     thr: float = 0.5, spacing=None,  # as in `case_result`
+                     rules=(PAPER_RULE,),  # `min_component_ml` values, one `case_result` each
+                     bs: int = 8, crop: bool = True, amp: bool = False, channels_last: bool = True,
+                     multiple: int = ENSEMBLE_MULTIPLE,
+                    ) -> tuple:
+    "`(probs (S, K, H, W), {combo: {min_component_ml: case_result}}, {combo: bool (S,) slices its weight model ran on})`."
+    ids, wids, x, (xc, box, padded) = _ensemble_inputs(base_models, weight_models, x, crop, channels_last, multiple, 'ensemble_results')
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with autocast_ctx(x.device, amp):
+        pc = torch.cat([_base_probs(base_models, ids, xc[i:i + bs]) for i in range(0, len(xc), bs)])
+    out, results, ran = x.shape[-2:], {}, {}
+    for c, wm in weight_models.items():
+        cfg = net_config(wm)
+        bound = combined_bound(pc, [ids.index(i) for i in wids[c]], cfg['norm']).cpu()
+        cm, done = pc.new_zeros(len(xc), *xc.shape[-2:]), torch.zeros(len(xc), dtype=torch.bool)
+        def run(idx):
+            with autocast_ctx(x.device, amp):
+                for i in range(0, len(idx), bs):
+                    j = idx[i:i + bs].to(pc.device)
+                    cm[j] = wm(_weight_input(pc[j], ids, wids[c], xc[j], cfg).contiguous(memory_format=fmt))[:, 0].float()
+            done[idx] = True
+        run(torch.nonzero(bound >= thr)[:, 0])  # step 1: every slice that can reach the threshold
+        results[c] = {}
+        for ml in dict.fromkeys(rules):
+            while True:
+                r = case_result(uncrop(cm, box, padded, out), thr, spacing, ml)
+                f = torch.as_tensor(r['slice_scores'])
+                if (f[done] >= thr).any(): break  # the case probability is the mean of these: exact
+                best = float(f[done].max()) if done.any() else -float('inf')
+                todo = torch.nonzero(~done & (bound > best))[:, 0]  # step 2: slices that could still beat the best
+                if not len(todo): break
+                run(todo[bound[todo].argsort(descending=True)][:bs])
+            results[c][ml] = r
+        ran[c] = done
+    return uncrop(pc, box, padded, out), results, ran
 
 # %% ../nbs/31_ensemble.ipynb #15c10a08
 def predict_case(models,  # base models of one combination, in its order (list), or `{model number: model}`
@@ -351,6 +411,7 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
                           min_component_ml: float = MIN_COMPONENT_ML,  # `drop_small_components` limit (`PAPER_RULE` = 0)
                           rules: dict | None = None,  # more rows per model: {suffix: min_component_ml}, e.g. {'paper rule': 0.}
                           fp_models=(),  # model names whose firing pixels on normal cases get `fp_class_map`s (in `.attrs['fp_maps']`)
+                          bounded: bool = True,  # run weight models only on the slices that can change a result (`ensemble_results`; the same rows)
                          ) -> pd.DataFrame:
     "Per-case probabilities and lesion volumes of every combination on a cohort (long format, see above)."
     from ich_nb.data import case_arrays
@@ -363,24 +424,31 @@ def evaluate_combinations(base_models: dict,  # {model number: model or Learner}
     cases = cohort.cases.set_index('case_id')
     ids = list(cohort.case_ids if case_ids is None else case_ids)
     from ich_nb.core import progress as track
-    rows, fp_maps = [], {m: {} for m in fp_models}
+    rows, fp_maps, n_run, n_all = [], {m: {} for m in fp_models}, 0, 0
+    rule_set = [min_component_ml, *(rules or {}).values()]
     for cid in (track(ids, desc=f'ensemble: scoring {len(ids)} cases') if progress else ids):  # a bar on a terminal, plain lines in a log
         x, _, mask = case_arrays(cohort, cid, size)
-        probs, comb = ensemble_maps(b, w, x, bs, crop, amp)
         sp = case_spacing(cohort, cid, size)
+        if bounded: probs, res, ran = ensemble_results(b, w, x, thr, sp, rule_set, bs, crop, amp)
+        else:
+            probs, comb = ensemble_maps(b, w, x, bs, crop, amp)
+            res, ran = {c: {ml: case_result(cm, thr, sp, ml) for ml in rule_set} for c, cm in comb.items()}, {c: torch.ones(len(x), dtype=torch.bool) for c in comb}
+        n_run, n_all = n_run + sum(int(v.sum()) for v in ran.values()), n_all + len(x) * len(ran)
         base = dict(case_id=cid, y=int(cases.loc[cid, 'any']), n_slices=len(x),
                     vol_true_ml=lesion_volume_ml(mask, sp) if mask is not None else np.nan,
                     vol_ref_ml=float(cases.loc[cid, 'vol_ml_total']) if 'vol_ml_total' in cases else np.nan)
-        maps = {COMBO_NAMES.get(c, str(c)): (c, cm) for c, cm in comb.items()}
+        maps = {COMBO_NAMES.get(c, str(c)): (c, res[c]) for c in res}
         if include_base: maps.update({f'Model {i}': (f'model{i}', probs[:, j]) for j, i in enumerate(sorted(b))})
         for name, (c, cm) in maps.items():
             for suffix, mml in [('', min_component_ml), *(rules or {}).items()]:
-                r, model = case_result(cm, thr, sp, mml), f'{name} ({suffix})' if suffix else name
+                r = cm[mml] if isinstance(cm, dict) else case_result(cm, thr, sp, mml)
+                model = f'{name} ({suffix})' if suffix else name
                 if model in fp_maps and base['y'] == 0: fp_maps[model][cid] = fp_class_map(x, r['combined_mask'])
                 rows.append(dict(base, model=model, combo=c, prob=r['case_prob'],
                                  max_slice=float(r['slice_scores'].max()), vol_pred_ml=lesion_volume_ml(r['combined_mask'], sp)))
     out = pd.DataFrame(rows)[['case_id', 'model', 'combo', 'prob', 'y', 'max_slice', 'vol_pred_ml', 'vol_true_ml', 'vol_ref_ml', 'n_slices']]
     if fp_models: out.attrs['fp_maps'] = fp_maps
+    out.attrs['weight_model_share'] = n_run / n_all if n_all else float('nan')  # share of (slice, weight model) pairs run
     return out
 
 # %% ../nbs/31_ensemble.ipynb #213f14f5

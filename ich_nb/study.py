@@ -325,7 +325,8 @@ def stage_ensemble(cfg: StudyConfig) -> dict:
     preds = evaluate_combinations(base, weights, ext, size=cfg.size, include_base=True, device=cfg.device,
                                   min_component_ml=ml, rules={'paper rule': 0.} if ml > 0 else None)
     atomic_save(path / 'predictions.csv', lambda f: preds.to_csv(f, index=False))
-    return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()), min_component_ml=ml)
+    return dict(base_models=len(base), weight_models=len(weights), cases=int(preds['case_id'].nunique()), min_component_ml=ml,
+                weight_model_share=round(preds.attrs['weight_model_share'], 3))  # share of external slices the weight models ran on
 
 # %% ../nbs/50_study.ipynb #1cb4866b
 TABLE4_REGIME = 'aihub_strong'

@@ -18,18 +18,73 @@ from .train import *
 from .windowing import BRAIN
 
 # %% auto #0
-__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'HARD_NEGATIVES', 'ConvBnReLU', 'MaxPool3', 'Inception', 'InceptionUNet',
-           'EncoderClassifier', 'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric', 'toy_seg_data',
-           'tensor_dls', 'fuse_conv_bn', 'prepare_for_inference', 'pad_to_multiple', 'head_box', 'autocast_ctx',
-           'as_input', 'net_config', 'net_device', 'crop_to_head', 'uncrop', 'predict_probs', 'seg_learner',
-           'base_model_id', 'confounder_score', 'slice_confounder_scores', 'seg_slices', 'common_split',
+__all__ = ['dice_metric', 'BASE_MODELS', 'SEG_KIND', 'HARD_NEGATIVES', 'FastBatchNorm2d', 'ConvBnReLU', 'MaxPool3', 'Inception',
+           'InceptionUNet', 'EncoderClassifier', 'soft_dice_loss', 'dice_score', 'SegLoss', 'SubtypeLoss', 'DiceMetric',
+           'toy_seg_data', 'tensor_dls', 'fuse_conv_bn', 'prepare_for_inference', 'pad_to_multiple', 'head_box',
+           'autocast_ctx', 'as_input', 'net_config', 'net_device', 'crop_to_head', 'uncrop', 'predict_probs',
+           'seg_learner', 'base_model_id', 'confounder_score', 'slice_confounder_scores', 'seg_slices', 'common_split',
            'specialised_ids', 'base_model_dls', 'subtype_dls', 'train_base_model']
+
+# %% ../nbs/30_unet.ipynb #0d1141cb
+def _fold(M: int, C: int, width: int = 256) -> int:
+    "Rows of an `(M, C)` matrix folded into one wide row: the largest power of two <= `width // C` that divides `M`."
+    k = 1 << max(width // C, 1).bit_length() - 1
+    while M % k: k //= 2
+    return k
+
+class _ChannelsLastBN(torch.autograd.Function):
+    "Training-mode BatchNorm of a channels_last tensor seen as the wide matrix `(M/k, k*C)`: `(y, batch mean, biased batch variance)`."
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        N, C, H, W = x.shape; M = N * H * W; k = _fold(M, C)
+        xw = x.permute(0, 2, 3, 1).reshape(M // k, k * C)  # a view: channels_last memory is (N, H, W, C)
+        mean = xw.sum(0).view(k, C).sum(0) / M
+        var = (xw - mean.repeat(k)).square_().sum(0).view(k, C).sum(0) / M  # second pass: deviations from the mean
+        invstd = torch.rsqrt(var + eps)
+        scale = weight * invstd
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.addcmul((bias - mean * scale).repeat(k), xw, scale.repeat(k), out=y.permute(0, 2, 3, 1).view(M // k, k * C))
+        ctx.save_for_backward(x, weight, mean, invstd); ctx.k = k
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar):
+        x, weight, mean, invstd = ctx.saved_tensors; k = ctx.k
+        N, C, H, W = x.shape; M = N * H * W
+        xw = x.permute(0, 2, 3, 1).reshape(M // k, k * C)
+        g = gy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(M // k, k * C)
+        xhat = (xw - mean.repeat(k)).mul_(invstd.repeat(k))
+        gb = g.sum(0).view(k, C).sum(0)
+        gw = (g * xhat).sum(0).view(k, C).sum(0)
+        a = weight * invstd  # dx = a * (g - mean(g) - xhat * mean(g * xhat))
+        gx = xhat.mul_((-a * gw / M).repeat(k)).add_((-a * gb / M).repeat(k)).addcmul_(g, a.repeat(k))
+        return gx.view(N, H, W, C).permute(0, 3, 1, 2), gw, gb, None
+
+class FastBatchNorm2d(nn.BatchNorm2d):
+    "`nn.BatchNorm2d` whose training pass on thin channels_last CPU tensors runs as a few vectorised passes (see above)."
+    FAST_MAX_C, FAST_MIN_PIXELS = 16, 2 ** 15  # the fast path: fewer than 16 channels, at least 32,768 pixels per channel
+    def fast_path(self, x) -> bool:
+        "Whether `forward(x)` takes the vectorised path."
+        return (self.training and self.affine and self.track_running_stats and x.device.type == 'cpu'
+                and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] < self.FAST_MAX_C
+                and x.shape[0] * x.shape[2] * x.shape[3] >= self.FAST_MIN_PIXELS and x.is_contiguous(memory_format=torch.channels_last))
+
+    def forward(self, x):
+        if not self.fast_path(x): return super().forward(x)
+        y, mean, var = _ChannelsLastBN.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():  # running statistics exactly as `nn.BatchNorm2d` updates them (unbiased variance)
+            self.num_batches_tracked.add_(1)
+            f = 1. / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            m = x.numel() // x.shape[1]
+            self.running_mean.lerp_(mean, f); self.running_var.lerp_(var * m / max(m - 1, 1), f)
+        return y
 
 # %% ../nbs/30_unet.ipynb #edfcc241
 class ConvBnReLU(nn.Sequential):
-    "Conv2d (no bias, 'same' padding) + BatchNorm2d + ReLU."
+    "Conv2d (no bias, 'same' padding) + BatchNorm2d (`FastBatchNorm2d`) + ReLU."
     def __init__(self, ni: int, no: int, ks: int = 1):
-        super().__init__(nn.Conv2d(ni, no, ks, padding=ks // 2, bias=False), nn.BatchNorm2d(no), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv2d(ni, no, ks, padding=ks // 2, bias=False), FastBatchNorm2d(no), nn.ReLU(inplace=True))
 
 # %% ../nbs/30_unet.ipynb #afe8a418
 class MaxPool3(nn.Module):
