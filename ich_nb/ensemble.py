@@ -225,7 +225,7 @@ def ensemble_results(base_models: dict,  # {model number: prepared InceptionUNet
                      bs: int = 8, crop: bool = True, amp: bool = False, channels_last: bool = True,
                      multiple: int = ENSEMBLE_MULTIPLE,
                     ) -> tuple:
-    "`(probs (S, K, H, W), {combo: {min_component_ml: case_result}}, {combo: bool (S,) slices its weight model ran on})`."
+    "`(probs (S, K, H, W), {combo: {min_component_ml: case_result}}, {combo: bool (S,) slices its weight model ran on})`; in each result, `combined` and `slice_scores` are 0 on the slices not run."
     ids, wids, x, (xc, box, padded) = _ensemble_inputs(base_models, weight_models, x, crop, channels_last, multiple, 'ensemble_results')
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with autocast_ctx(x.device, amp):
